@@ -1,0 +1,97 @@
+"""Argument checks shared by every backend: bad calls fail here, before any kernel runs."""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+
+REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+VALUE_MODES = ("divergence", "surrogate")
+BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
+
+
+class KDArguments(NamedTuple):
+    """Validated arguments, with the logits flattened to [N, C] and the mask to [N]."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    mask: Optional[torch.Tensor]
+    leading_shape: torch.Size
+    reduction: int
+    surrogate: bool
+
+
+def _check_real(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def validate_kd_arguments(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    alpha_min: float,
+    alpha_max: float,
+    clip: float,
+    temperature: float,
+    reduction: str,
+    value: str,
+    mask: Optional[torch.Tensor],
+) -> KDArguments:
+    for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.dim() == 0:
+            raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
+            f"and {tuple(teacher_logits.shape)}"
+        )
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits and teacher_logits must be on the same device, got {student_logits.device} "
+            f"and {teacher_logits.device}"
+        )
+    num_classes = student_logits.shape[-1]
+    if num_classes == 0:
+        raise ValueError("logits need at least one class: the last dimension has size 0")
+    for name, number in (("alpha_min", alpha_min), ("alpha_max", alpha_max), ("clip", clip), ("temperature", temperature)):
+        _check_real(name, number)
+    if alpha_min > alpha_max:
+        raise ValueError(f"alpha_min ({alpha_min}) must not exceed alpha_max ({alpha_max})")
+    if clip <= 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    if value not in VALUE_MODES:
+        raise ValueError(f"value must be one of {', '.join(map(repr, VALUE_MODES))}, got {value!r}")
+
+    leading_shape = student_logits.shape[:-1]
+    flat_mask = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor marking the rows that count, got {got}")
+        if mask.shape != leading_shape:
+            raise ValueError(
+                f"mask must have the logits' leading shape {tuple(leading_shape)}, got {tuple(mask.shape)}"
+            )
+        if mask.device != student_logits.device:
+            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
+        flat_mask = mask.reshape(-1)
+    return KDArguments(
+        student=student_logits.reshape(-1, num_classes),
+        teacher=teacher_logits.reshape(-1, num_classes),
+        mask=flat_mask,
+        leading_shape=leading_shape,
+        reduction=REDUCTIONS[reduction],
+        surrogate=value == "surrogate",
+    )

@@ -1,0 +1,159 @@
+"""`fused_adaptive_kd`: the adaptive alpha-divergence KD loss of AlphaNet as one fused op.
+
+The kernels (csrc/cpu, and CUDA/Triton where built) implement the custom op
+`alphadiv::adaptive_kd`; this file adds what the op needs to behave like a PyTorch loss: argument
+checks, backend choice, the fake (meta) implementation for torch.compile, and autograd.
+
+Autograd: the forward writes the gradient of the (reduced) loss with respect to the student logits
+while it has every row in cache, and the backward only scales it by the incoming gradient, in place.
+Forward + backward therefore hold one [N, C] tensor in the student's dtype beyond the inputs. The
+scaling in place means a second backward through the same graph (``retain_graph=True``) is refused
+by autograd's saved-tensor version check instead of returning a wrong gradient.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, Optional
+
+import torch
+
+from . import _extension
+from ._validation import BACKENDS, validate_kd_arguments
+from .reference import adaptive_kd_reference
+
+REDUCTION_NONE = 0
+_DEFAULT_BACKEND = os.environ.get("ALPHADIV_BACKEND", "auto")  # read once, at import
+_warned_fallback = False
+
+
+def available_backends() -> List[str]:
+    """Backends usable in this process, best first; `reference` is always there."""
+    backends = []
+    if _extension.HAS_CPU_EXTENSION:
+        backends.append("cpu")
+    backends.append("reference")
+    return backends
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
+    global _warned_fallback
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    if backend == "auto":
+        backend = _DEFAULT_BACKEND
+    if backend == "auto":
+        if device.type == "cpu" and _extension.HAS_CPU_EXTENSION:
+            return "cpu"
+        if device.type == "cpu" and not _warned_fallback:
+            _warned_fallback = True
+            warnings.warn(
+                "alphadiv_kernels: the compiled CPU kernels are unavailable "
+                f"({_extension.missing_reason('alphadiv_kernels._C')}); using the eager reference",
+                stacklevel=3,
+            )
+        if device.type != "cpu":
+            raise RuntimeError(f"fused_adaptive_kd has no kernel for {device.type} tensors in this build")
+        return "reference"
+    if backend == "cpu":
+        if not _extension.HAS_CPU_EXTENSION:
+            raise RuntimeError(
+                "backend='cpu' needs the compiled extension alphadiv_kernels._C, which did not load: "
+                f"{_extension.missing_reason('alphadiv_kernels._C')}. Reinstall with "
+                "`pip install --no-build-isolation -e .`"
+            )
+        if device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {device.type} tensors")
+    if backend in ("cuda", "triton"):
+        raise RuntimeError(f"backend={backend!r} is not built into this installation")
+    return backend
+
+
+def fused_adaptive_kd(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    clip: float = 5.0,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    value: str = "divergence",
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Adaptive alpha-divergence KD loss (AlphaNet, ICML 2021), fused.
+
+    Per row of ``[..., C]`` logits, with ``q = softmax(student / T)`` and ``p = softmax(teacher / T)``,
+    computes the alpha-divergences ``D_alpha_min(p || q)`` and ``D_alpha_max(p || q)`` with the
+    importance weight ``(p / q)^alpha`` clipped at ``clip``, keeps the larger one, and backpropagates
+    the clipped gradient of the kept branch (paper Eq. 5) into the student only.
+
+    Args:
+        student_logits: ``[..., C]`` floating logits of the student (receives the gradient).
+        teacher_logits: ``[..., C]`` logits of the teacher, same shape and device; never differentiated.
+        alpha_min, alpha_max: the two alphas (``alpha_min <= alpha_max``). ``|alpha - 1| < 1e-3`` is
+            forward KL (no clip), ``|alpha| < 1e-3`` reverse KL.
+        clip: upper bound of the importance weight (> 0); 5 in the paper.
+        temperature: logits are divided by it and the value multiplied by its square (Hinton).
+        reduction: ``"mean"`` over (unmasked) rows, ``"sum"`` or ``"none"`` (shape ``[...]``).
+        value: ``"divergence"`` returns the selected divergence (>= 0, 0 when p == q);
+            ``"surrogate"`` returns the AlphaNet reference code's scalar ``-sum q * rho * log q``.
+            Gradients are the same in both modes.
+        mask: optional bool ``[...]``; ``False`` rows give 0 value and 0 gradient and do not count in
+            the mean (a mean over no rows is 0).
+        backend: ``"auto"``, ``"cpu"``, ``"reference"`` (``"cuda"``, ``"triton"`` where built);
+            ``auto`` honours the ``ALPHADIV_BACKEND`` environment variable.
+
+    Returns:
+        The loss in the promoted dtype of the two inputs; the student's gradient has its dtype.
+        Full semantics: README "Semantics" and DESIGN.md section 3.
+    """
+    args = validate_kd_arguments(
+        student_logits, teacher_logits, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
+        temperature=temperature, reduction=reduction, value=value, mask=mask,
+    )
+    chosen = _resolve_backend(backend, student_logits.device)
+    if chosen == "reference":
+        return adaptive_kd_reference(
+            student_logits, teacher_logits, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
+            temperature=temperature, reduction=reduction, value=value, mask=mask,
+        )
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    loss, _ = torch.ops.alphadiv.adaptive_kd(
+        args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max), float(clip),
+        float(temperature), args.reduction, args.surrogate, compute_grad,
+    )
+    return loss.reshape(args.leading_shape) if args.reduction == REDUCTION_NONE else loss
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library glue: fake implementation and autograd of alphadiv::adaptive_kd.
+
+if _extension.HAS_CPU_EXTENSION:
+
+    @torch.library.register_fake("alphadiv::adaptive_kd")
+    def _adaptive_kd_fake(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate,
+                          compute_grad):
+        value_dtype = torch.promote_types(student.dtype, teacher.dtype)
+        value_shape = (student.shape[0],) if reduction == REDUCTION_NONE else ()
+        loss = student.new_empty(value_shape, dtype=value_dtype)
+        grad = student.new_empty(student.shape if compute_grad else (0,))
+        return loss, grad
+
+    def _setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.save_for_backward(grad)
+        ctx.reduction = inputs[7]
+        ctx.has_grad = inputs[9]
+
+    def _backward(ctx, grad_loss, _unused):
+        (grad,) = ctx.saved_tensors
+        grad_student = None
+        if ctx.has_grad and ctx.needs_input_grad[0]:
+            scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
+            grad_student = grad.mul_(scale)  # in place: the saved buffer becomes the result
+        return grad_student, None, None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("alphadiv::adaptive_kd", _backward, setup_context=_setup_context)

@@ -1,0 +1,49 @@
+// Shared definitions of the adaptive alpha-divergence KD op, used by every backend.
+//
+// Per row, with temperature T (logits already divided by T):
+//   lq = log_softmax(student)   q = exp(lq)
+//   lp = log_softmax(teacher)   p = exp(lp)
+//   lw = lp - lq                (log importance ratio, never formed as p / q)
+//
+//   branch      divergence D                      d D / d student_j            kept statistic
+//   ForwardKL   sum p * lw                        q_j - p_j                     sum p * lw
+//   ReverseKL   -R,  R = sum q * log c            q_j * (R - log c_j)           R
+//               log c = min(lw, log clip)
+//   General     B / (alpha (alpha - 1))           (q_j / alpha) (B - (c_j - 1)) B = sum q (c - 1)
+//               c = exp(min(alpha lw, log clip))
+//   NegOne      General with alpha = -1, where c = min(q / p, clip) needs no exponential.
+//
+// B is accumulated as sum q (c - 1) rather than sum q c - 1: both are equal because sum q = 1, but
+// the first is exactly 0 when p == q and loses no digits when the distributions are close.
+// Terms with q == 0 (alpha branches) or p == 0 (forward KL) are the limits, i.e. 0.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+namespace alphadiv {
+
+// |alpha - 1| and |alpha| below this select the KL limits, as the AlphaNet reference code does.
+constexpr double kAlphaLimitTolerance = 1e-3;
+
+enum class Branch : int { ForwardKL = 0, ReverseKL = 1, General = 2, NegOne = 3 };
+
+enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
+
+inline Branch classify_alpha(double alpha) {
+  if (std::abs(alpha - 1.0) < kAlphaLimitTolerance) return Branch::ForwardKL;
+  if (std::abs(alpha) < kAlphaLimitTolerance) return Branch::ReverseKL;
+  if (alpha == -1.0) return Branch::NegOne;
+  return Branch::General;
+}
+
+// Divergence of a branch from its kept statistic (for ForwardKL the statistic is sum p * lw itself).
+inline double branch_divergence(Branch branch, double alpha, double stat) {
+  switch (branch) {
+    case Branch::ForwardKL: return stat;
+    case Branch::ReverseKL: return -stat;
+    default: return stat / (alpha * (alpha - 1.0));
+  }
+}
+
+}  // namespace alphadiv

@@ -1,0 +1,338 @@
+// Fused adaptive alpha-divergence KD on CPU: one task per block of rows, each row copied once into
+// per-thread buffers (converted to the compute type and divided by T), then swept in cache.
+//
+// Sweeps per row (math in ../adaptive_kd_math.h):
+//   1. load s/T and t/T into buffers, pad to a whole vector with -inf (pads then add exactly 0
+//      to every sum below, so no sweep needs a tail), and take both row maxima;
+//   2. s <- s - max_s, es <- exp(s), Z_s = sum es; the same for the teacher (2 exps per element);
+//   3. per alpha: the branch sums (forward KL and alpha = -1 need no further exponential);
+//   4. the selected branch: the gradient, written once in the student's dtype, and the surrogate
+//      value when asked for.
+// Sums run in vectors within blocks of kSumBlock elements and in double across blocks.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "../adaptive_kd_math.h"
+
+namespace alphadiv {
+namespace {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kSumBlock = 1024;            // elements summed in a vector before going to double
+constexpr int64_t kElementsPerTask = 1 << 15;  // rows per parallel task ~ this many elements
+
+// ---------------------------------------------------------------------------------------------
+// Kernel
+
+template <typename acc_t>
+struct RowBuffers {
+  acc_t* s;   // s/T - max, then log q = s - log Z_s
+  acc_t* t;   // t/T - max
+  acc_t* es;  // exp(s), later the gradient row
+  acc_t* et;  // exp(t)
+};
+
+template <typename acc_t>
+struct RowScalars {
+  acc_t log_zs, log_zt, inv_zs, inv_zt;
+};
+
+// Sum of term(i) over the padded row, term returning a vector of terms starting at i.
+template <typename acc_t, typename Term>
+inline double padded_row_sum(int64_t padded_cols, const Term& term) {
+  using Vec = Vectorized<acc_t>;
+  double total = 0.0;
+  for (int64_t block = 0; block < padded_cols; block += kSumBlock) {
+    const int64_t end = std::min(padded_cols, block + kSumBlock);
+    Vec acc0(acc_t(0)), acc1(acc_t(0));
+    int64_t i = block;
+    for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
+      acc0 += term(i);
+      acc1 += term(i + Vec::size());
+    }
+    if (i < end) acc0 += term(i);
+    total += at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc0 + acc1);
+  }
+  return total;
+}
+
+template <typename scalar_t, typename acc_t>
+inline void load_scaled_row(const scalar_t* src, int64_t col_stride, int64_t cols, int64_t padded_cols,
+                            acc_t inv_temperature, acc_t* dst) {
+  if (col_stride == 1) {
+    for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_temperature;
+  } else {
+    for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<acc_t>(src[j * col_stride]) * inv_temperature;
+  }
+  std::fill(dst + cols, dst + padded_cols, -std::numeric_limits<acc_t>::infinity());
+}
+
+// x <- x - max(x); e <- exp(x); returns sum(e).
+template <typename acc_t>
+inline double shift_exp_sum(acc_t* x, acc_t* e, int64_t padded_cols) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t row_max = at::vec::reduce_all<acc_t>(
+      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, padded_cols);
+  const Vec max_vec(row_max);
+  return padded_row_sum<acc_t>(padded_cols, [&](int64_t i) {
+    const Vec shifted = Vec::loadu(x + i) - max_vec;
+    shifted.store(x + i);
+    const Vec ex = shifted.exp();
+    ex.store(e + i);
+    return ex;
+  });
+}
+
+// Per-element quantities of one row position, computed from the buffers.
+template <typename acc_t>
+struct Elements {
+  using Vec = Vectorized<acc_t>;
+  Vec lq, lw, q, p;
+  Elements(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, int64_t i) {
+    lq = Vec::loadu(b.s + i) - Vec(r.log_zs);
+    const Vec lp = Vec::loadu(b.t + i) - Vec(r.log_zt);
+    lw = lp - lq;
+    q = Vec::loadu(b.es + i) * Vec(r.inv_zs);
+    p = Vec::loadu(b.et + i) * Vec(r.inv_zt);
+  }
+};
+
+template <typename acc_t>
+inline Vectorized<acc_t> zero_where(const Vectorized<acc_t>& value, const Vectorized<acc_t>& prob) {
+  // prob == 0 marks a class the distribution does not see: its term is 0 whatever value holds.
+  return Vectorized<acc_t>::blendv(value, Vectorized<acc_t>(acc_t(0)), prob == Vectorized<acc_t>(acc_t(0)));
+}
+
+// c - 1 of the alpha branches (General, NegOne) and log c of ReverseKL, vectorized.
+template <typename acc_t>
+inline Vectorized<acc_t> clipped_weight(Branch branch, const Elements<acc_t>& e, acc_t alpha, acc_t clip,
+                                        acc_t log_clip) {
+  using Vec = Vectorized<acc_t>;
+  switch (branch) {
+    case Branch::ReverseKL: return at::vec::minimum(e.lw, Vec(log_clip));
+    case Branch::NegOne: return at::vec::minimum(e.q / e.p, Vec(clip)) - Vec(acc_t(1));
+    default: return at::vec::minimum(e.lw * Vec(alpha), Vec(log_clip)).expm1();
+  }
+}
+
+// The statistic kept for the gradient: R for ReverseKL, B for General/NegOne, sum p*lw for KL.
+template <typename acc_t>
+inline double branch_sum(Branch branch, const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r,
+                         int64_t padded_cols, acc_t alpha, acc_t clip, acc_t log_clip) {
+  using Vec = Vectorized<acc_t>;
+  return padded_row_sum<acc_t>(padded_cols, [&](int64_t i) {
+    const Elements<acc_t> e(b, r, i);
+    if (branch == Branch::ForwardKL) return zero_where(e.p * e.lw, e.p);
+    return zero_where(e.q * clipped_weight(branch, e, alpha, clip, log_clip), e.q);
+  });
+}
+
+// Writes grad_scale * d D / d s into b.es (in place) and returns the surrogate -sum q rho lq.
+template <typename acc_t>
+inline double branch_gradient(Branch branch, const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r,
+                              int64_t padded_cols, acc_t alpha, acc_t clip, acc_t log_clip, acc_t stat,
+                              acc_t grad_scale, bool want_surrogate) {
+  using Vec = Vectorized<acc_t>;
+  const Vec scale(grad_scale), stat_vec(stat), one(acc_t(1));
+  const acc_t inv_alpha = acc_t(1) / alpha;
+  const acc_t rho_offset = acc_t(1) / (alpha * (alpha - acc_t(1)));
+  return padded_row_sum<acc_t>(padded_cols, [&](int64_t i) {
+    const Elements<acc_t> e(b, r, i);
+    Vec grad, rho_q;  // rho_q = q * rho of the surrogate
+    Vec seen = e.q;   // the probability whose zeros make a term vanish
+    if (branch == Branch::ForwardKL) {
+      grad = e.q - e.p;
+      rho_q = e.p;
+      seen = e.p;
+    } else {
+      const Vec w = clipped_weight(branch, e, alpha, clip, log_clip);
+      if (branch == Branch::ReverseKL) {
+        grad = zero_where(e.q * (stat_vec - w), e.q);
+        rho_q = e.q * (w - one);
+      } else {
+        grad = zero_where(e.q * (stat_vec - w) * Vec(inv_alpha), e.q);
+        rho_q = e.q * ((w + one) * Vec(inv_alpha) + Vec(rho_offset));
+      }
+    }
+    (grad * scale).store(b.es + i);
+    if (!want_surrogate) return Vec(acc_t(0));
+    return zero_where(Vec(acc_t(0)) - rho_q * e.lq, seen);
+  });
+}
+
+struct KDParams {
+  double alpha_min, alpha_max, clip, temperature;
+  int64_t reduction;
+  bool surrogate;
+};
+
+template <typename acc_t, typename student_t, typename teacher_t>
+void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, const bool* mask,
+                      const KDParams& params, double grad_scale, double* row_values, at::Tensor* grad) {
+  using Vec = Vectorized<acc_t>;
+  const int64_t rows = student.size(0), cols = student.size(1);
+  const int64_t padded_cols = (cols + Vec::size() - 1) / Vec::size() * Vec::size();
+  const student_t* s_data = student.const_data_ptr<student_t>();
+  const teacher_t* t_data = teacher.const_data_ptr<teacher_t>();
+  student_t* g_data = grad ? grad->mutable_data_ptr<student_t>() : nullptr;
+
+  const Branch branch_min = classify_alpha(params.alpha_min);
+  const Branch branch_max = classify_alpha(params.alpha_max);
+  const bool same_branch = params.alpha_min == params.alpha_max;
+  const acc_t inv_temperature = acc_t(1.0 / params.temperature);
+  const acc_t clip = acc_t(params.clip), log_clip = acc_t(std::log(params.clip));
+  const double t_squared = params.temperature * params.temperature;
+  // d (T^2 D(s / T)) / d s = T * D'(s / T), times the reduction's row weight.
+  const acc_t row_grad_scale = acc_t(grad_scale * params.temperature);
+
+  const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> storage(4 * padded_cols);
+    const RowBuffers<acc_t> b{storage.data(), storage.data() + padded_cols, storage.data() + 2 * padded_cols,
+                              storage.data() + 3 * padded_cols};
+    for (int64_t row = begin; row < end; ++row) {
+      student_t* g_row = g_data ? g_data + row * cols : nullptr;
+      if (mask && !mask[row]) {
+        row_values[row] = 0.0;
+        if (g_row) std::fill(g_row, g_row + cols, student_t(0));
+        continue;
+      }
+      load_scaled_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.s);
+      load_scaled_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.t);
+      const double zs = shift_exp_sum(b.s, b.es, padded_cols);
+      const double zt = shift_exp_sum(b.t, b.et, padded_cols);
+      const RowScalars<acc_t> r{acc_t(std::log(zs)), acc_t(std::log(zt)), acc_t(1.0 / zs), acc_t(1.0 / zt)};
+
+      const double stat_min = branch_sum(branch_min, b, r, padded_cols, acc_t(params.alpha_min), clip, log_clip);
+      const double stat_max = same_branch ? stat_min
+                                          : branch_sum(branch_max, b, r, padded_cols, acc_t(params.alpha_max), clip, log_clip);
+      const double d_min = branch_divergence(branch_min, params.alpha_min, stat_min);
+      const double d_max = branch_divergence(branch_max, params.alpha_max, stat_max);
+      const bool use_min = d_min > d_max;  // strict, as in AlphaNet; NaN selects alpha_max
+      const Branch branch = use_min ? branch_min : branch_max;
+      const double alpha = use_min ? params.alpha_min : params.alpha_max;
+      const double stat = use_min ? stat_min : stat_max;
+      double value = use_min ? d_min : d_max;
+
+      if (g_row || params.surrogate) {
+        const double surrogate = branch_gradient(branch, b, r, padded_cols, acc_t(alpha), clip, log_clip,
+                                                 acc_t(stat), row_grad_scale, params.surrogate);
+        if (params.surrogate) value = surrogate;
+        if (g_row) {
+          for (int64_t j = 0; j < cols; ++j) g_row[j] = static_cast<student_t>(b.es[j]);
+        }
+      }
+      row_values[row] = value * t_squared;
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launcher: argument checks, dtype dispatch, reduction.
+
+template <typename Fn>
+void dispatch_input_dtypes(at::ScalarType student, at::ScalarType teacher, const Fn& fn) {
+  const bool use_double = student == at::kDouble || teacher == at::kDouble;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student, "adaptive_kd_cpu_student", [&] {
+    using student_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, teacher, "adaptive_kd_cpu_teacher", [&] {
+      using teacher_t = scalar_t;
+      if (use_double) {
+        fn(double{}, student_t{}, teacher_t{});
+      } else {
+        fn(float{}, student_t{}, teacher_t{});
+      }
+    });
+  });
+}
+
+// The kernels are compiled for the build machine's vector instruction set (see setup.py).
+void check_cpu_capability() {
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool supported = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  TORCH_CHECK(supported, "alphadiv_kernels was built for AVX-512 but this CPU lacks it; reinstall with "
+                         "ALPHADIV_CPU_CAPABILITY=avx2 (or default)");
+#elif defined(CPU_CAPABILITY_AVX2)
+  const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK(supported, "alphadiv_kernels was built for AVX2 but this CPU lacks it; reinstall with "
+                         "ALPHADIV_CPU_CAPABILITY=default");
+#endif
+}
+
+void check_arguments(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+                     double alpha_min, double alpha_max, double clip, double temperature, int64_t reduction) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && teacher.dim() == 2,
+                    "alphadiv::adaptive_kd expects 2-D [N, C] logits, got student ", student.sizes(),
+                    " and teacher ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "student and teacher logits must have the same shape, got ",
+                    student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "logits need at least one class (C = 0)");
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()) && at::isFloatingType(teacher.scalar_type()),
+                   "logits must be floating point, got ", student.scalar_type(), " and ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(student.device() == teacher.device(), "student and teacher must be on the same device, got ",
+                    student.device(), " and ", teacher.device());
+  TORCH_CHECK_VALUE(alpha_min <= alpha_max, "alpha_min (", alpha_min, ") must not exceed alpha_max (", alpha_max, ")");
+  TORCH_CHECK_VALUE(clip > 0, "clip must be positive, got ", clip);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be positive, got ", temperature);
+  TORCH_CHECK_VALUE(reduction >= kReductionNone && reduction <= kReductionSum, "reduction code must be 0, 1 or 2, got ",
+                    reduction);
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == student.size(0), "mask must have shape [", student.size(0),
+                      "], got ", mask->sizes());
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> adaptive_kd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                   const std::optional<at::Tensor>& mask, double alpha_min,
+                                                   double alpha_max, double clip, double temperature,
+                                                   int64_t reduction, bool surrogate, bool compute_grad) {
+  check_arguments(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction);
+  check_cpu_capability();
+  const int64_t rows = student.size(0);
+  const at::ScalarType value_dtype = c10::promoteTypes(student.scalar_type(), teacher.scalar_type());
+
+  at::Tensor mask_contiguous = mask.has_value() ? mask->contiguous() : at::Tensor();
+  const bool* mask_data = mask.has_value() ? mask_contiguous.const_data_ptr<bool>() : nullptr;
+  double valid_rows = static_cast<double>(rows);
+  if (mask_data) valid_rows = static_cast<double>(std::count(mask_data, mask_data + rows, true));
+  // A mean over zero valid rows is 0, with zero gradient.
+  const double grad_scale = reduction == kReductionMean ? (valid_rows > 0 ? 1.0 / valid_rows : 0.0) : 1.0;
+
+  at::Tensor row_values = at::empty({rows}, student.options().dtype(at::kDouble));
+  at::Tensor grad = compute_grad ? at::empty({rows, student.size(1)}, student.options()) : at::empty({0}, student.options());
+  const KDParams params{alpha_min, alpha_max, clip, temperature, reduction, surrogate};
+  dispatch_input_dtypes(student.scalar_type(), teacher.scalar_type(), [&](auto acc, auto s, auto t) {
+    using acc_t = decltype(acc);
+    adaptive_kd_rows<acc_t, decltype(s), decltype(t)>(student, teacher, mask_data, params, grad_scale,
+                                                      row_values.mutable_data_ptr<double>(),
+                                                      compute_grad ? &grad : nullptr);
+  });
+
+  if (reduction == kReductionNone) return {row_values.to(value_dtype), grad};
+  // Rows are summed in order in double: the result does not depend on the thread count.
+  const double* values = row_values.const_data_ptr<double>();
+  double total = 0.0;
+  for (int64_t row = 0; row < rows; ++row) total += values[row];
+  if (reduction == kReductionMean) total = valid_rows > 0 ? total / valid_rows : 0.0;
+  return {at::scalar_tensor(total, student.options().dtype(value_dtype)), grad};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(alphadiv, CPU, m) { m.impl("adaptive_kd", &adaptive_kd_cpu); }
+
+}  // namespace alphadiv
