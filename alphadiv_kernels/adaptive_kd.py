@@ -141,9 +141,15 @@ if _extension.HAS_CPU_EXTENSION:
         grad = student.new_empty(student.shape if compute_grad else (0,))
         return loss, grad
 
+    def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
+        # loss.backward() passes 1: skip a pass over [N, C]. Only where reading it costs no sync.
+        return (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
+                and bool(grad_loss == 1))
+
     def _setup_context(ctx, inputs, output):
         _, grad = output
         ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) gradient
         ctx.save_for_backward(grad)
         ctx.reduction = inputs[7]
         ctx.has_grad = inputs[9]
@@ -152,8 +158,10 @@ if _extension.HAS_CPU_EXTENSION:
         (grad,) = ctx.saved_tensors
         grad_student = None
         if ctx.has_grad and ctx.needs_input_grad[0]:
+            if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
+                return (grad,) + (None,) * 9
             scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
             grad_student = grad.mul_(scale)  # in place: the saved buffer becomes the result
-        return grad_student, None, None, None, None, None, None, None, None, None
+        return (grad_student,) + (None,) * 9
 
     torch.library.register_autograd("alphadiv::adaptive_kd", _backward, setup_context=_setup_context)

@@ -19,6 +19,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <type_traits>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -49,50 +51,77 @@ struct RowScalars {
   acc_t log_zs, log_zt, inv_zs, inv_zt;
 };
 
-// Sum of term(i) over the padded row, term returning a vector of terms starting at i.
-template <typename acc_t, typename Term>
-inline double padded_row_sum(int64_t padded_cols, const Term& term) {
+// Sums of K streams of terms over the padded row; term(i) returns the K vectors of terms at i.
+template <typename acc_t, int K, typename Term>
+inline std::array<double, K> padded_row_sums(int64_t padded_cols, const Term& term) {
   using Vec = Vectorized<acc_t>;
-  double total = 0.0;
+  std::array<double, K> totals{};
   for (int64_t block = 0; block < padded_cols; block += kSumBlock) {
     const int64_t end = std::min(padded_cols, block + kSumBlock);
-    Vec acc0(acc_t(0)), acc1(acc_t(0));
+    std::array<Vec, K> acc0, acc1;  // two accumulator sets hide the add latency
+    acc0.fill(Vec(acc_t(0)));
+    acc1.fill(Vec(acc_t(0)));
     int64_t i = block;
     for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
-      acc0 += term(i);
-      acc1 += term(i + Vec::size());
+      const std::array<Vec, K> first = term(i), second = term(i + Vec::size());
+      for (int k = 0; k < K; ++k) {
+        acc0[k] += first[k];
+        acc1[k] += second[k];
+      }
     }
-    if (i < end) acc0 += term(i);
-    total += at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc0 + acc1);
+    if (i < end) {
+      const std::array<Vec, K> last = term(i);
+      for (int k = 0; k < K; ++k) acc0[k] += last[k];
+    }
+    for (int k = 0; k < K; ++k) {
+      totals[k] += at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc0[k] + acc1[k]);
+    }
   }
-  return total;
+  return totals;
 }
 
+// dst <- src / T in the compute type, padded with -inf to a whole vector; returns max(dst).
 template <typename scalar_t, typename acc_t>
-inline void load_scaled_row(const scalar_t* src, int64_t col_stride, int64_t cols, int64_t padded_cols,
-                            acc_t inv_temperature, acc_t* dst) {
-  if (col_stride == 1) {
-    for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_temperature;
-  } else {
-    for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<acc_t>(src[j * col_stride]) * inv_temperature;
+inline acc_t load_scaled_row(const scalar_t* src, int64_t col_stride, int64_t cols, int64_t padded_cols,
+                             acc_t inv_temperature, acc_t* dst) {
+  using Vec = Vectorized<acc_t>;
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  const auto vec_max = [](Vec a, Vec b) { return at::vec::maximum(a, b); };  // NaN-propagating
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (col_stride == 1) {  // the common case: one vector pass that also takes the maximum
+      const Vec scale(inv_temperature);
+      Vec row_max(kNegInf);
+      int64_t j = 0;
+      for (; j + Vec::size() <= cols; j += Vec::size()) {
+        const Vec x = Vec::loadu(src + j) * scale;
+        x.store(dst + j);
+        row_max = at::vec::maximum(row_max, x);
+      }
+      if (j < cols) {
+        const Vec x = Vec::set(Vec(kNegInf), Vec::loadu(src + j, cols - j) * scale, cols - j);
+        x.store(dst + j);
+        row_max = at::vec::maximum(row_max, x);
+      }
+      return at::vec::vec_reduce_all<acc_t>(vec_max, row_max);
+    }
   }
-  std::fill(dst + cols, dst + padded_cols, -std::numeric_limits<acc_t>::infinity());
+  for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<acc_t>(src[j * col_stride]) * inv_temperature;
+  std::fill(dst + cols, dst + padded_cols, kNegInf);
+  return at::vec::reduce_all<acc_t>(vec_max, dst, padded_cols);
 }
 
-// x <- x - max(x); e <- exp(x); returns sum(e).
+// x <- x - row_max; e <- exp(x); returns sum(e).
 template <typename acc_t>
-inline double shift_exp_sum(acc_t* x, acc_t* e, int64_t padded_cols) {
+inline double shift_exp_sum(acc_t* x, acc_t* e, acc_t row_max, int64_t padded_cols) {
   using Vec = Vectorized<acc_t>;
-  const acc_t row_max = at::vec::reduce_all<acc_t>(
-      [](Vec a, Vec b) { return at::vec::maximum(a, b); }, x, padded_cols);
   const Vec max_vec(row_max);
-  return padded_row_sum<acc_t>(padded_cols, [&](int64_t i) {
+  return padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
     const Vec shifted = Vec::loadu(x + i) - max_vec;
     shifted.store(x + i);
-    const Vec ex = shifted.exp();
+    const Vec ex = shifted.exp_u20();  // 20 ulp: far below the op's tolerance, much faster than exp
     ex.store(e + i);
-    return ex;
-  });
+    return std::array<Vec, 1>{ex};
+  })[0];
 }
 
 // Per-element quantities of one row position, computed from the buffers.
@@ -115,6 +144,11 @@ inline Vectorized<acc_t> zero_where(const Vectorized<acc_t>& value, const Vector
   return Vectorized<acc_t>::blendv(value, Vectorized<acc_t>(acc_t(0)), prob == Vectorized<acc_t>(acc_t(0)));
 }
 
+struct AlphaBranch {
+  Branch branch;
+  double alpha;
+};
+
 // c - 1 of the alpha branches (General, NegOne) and log c of ReverseKL, vectorized.
 template <typename acc_t>
 inline Vectorized<acc_t> clipped_weight(Branch branch, const Elements<acc_t>& e, acc_t alpha, acc_t clip,
@@ -127,38 +161,48 @@ inline Vectorized<acc_t> clipped_weight(Branch branch, const Elements<acc_t>& e,
   }
 }
 
-// The statistic kept for the gradient: R for ReverseKL, B for General/NegOne, sum p*lw for KL.
+// The statistic a branch keeps for its gradient (see the table in adaptive_kd_math.h), one term.
 template <typename acc_t>
-inline double branch_sum(Branch branch, const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r,
-                         int64_t padded_cols, acc_t alpha, acc_t clip, acc_t log_clip) {
+inline Vectorized<acc_t> statistic_term(const AlphaBranch& a, const Elements<acc_t>& e, acc_t clip, acc_t log_clip) {
+  if (a.branch == Branch::ForwardKL) return zero_where(e.p * e.lw, e.p);
+  return zero_where(e.q * clipped_weight(a.branch, e, acc_t(a.alpha), clip, log_clip), e.q);
+}
+
+// Both alphas' statistics in one sweep.
+template <typename acc_t>
+inline std::array<double, 2> branch_statistics(const AlphaBranch& lo, const AlphaBranch& hi, const RowBuffers<acc_t>& b,
+                                               const RowScalars<acc_t>& r, int64_t padded_cols, acc_t clip,
+                                               acc_t log_clip) {
   using Vec = Vectorized<acc_t>;
-  return padded_row_sum<acc_t>(padded_cols, [&](int64_t i) {
+  return padded_row_sums<acc_t, 2>(padded_cols, [&](int64_t i) {
     const Elements<acc_t> e(b, r, i);
-    if (branch == Branch::ForwardKL) return zero_where(e.p * e.lw, e.p);
-    return zero_where(e.q * clipped_weight(branch, e, alpha, clip, log_clip), e.q);
+    return std::array<Vec, 2>{statistic_term(lo, e, clip, log_clip), statistic_term(hi, e, clip, log_clip)};
   });
 }
 
-// Writes grad_scale * d D / d s into b.es (in place) and returns the surrogate -sum q rho lq.
-template <typename acc_t>
-inline double branch_gradient(Branch branch, const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r,
-                              int64_t padded_cols, acc_t alpha, acc_t clip, acc_t log_clip, acc_t stat,
-                              acc_t grad_scale, bool want_surrogate) {
+// Writes grad_scale * d D / d s of the chosen branch to g_row (student dtype) and returns the
+// surrogate -sum q rho lq when asked for.
+template <typename acc_t, typename student_t>
+inline double branch_gradient(const AlphaBranch& a, const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r,
+                              int64_t cols, int64_t padded_cols, acc_t clip, acc_t log_clip, acc_t stat,
+                              acc_t grad_scale, student_t* g_row, bool want_surrogate) {
   using Vec = Vectorized<acc_t>;
   const Vec scale(grad_scale), stat_vec(stat), one(acc_t(1));
+  const acc_t alpha = acc_t(a.alpha);
   const acc_t inv_alpha = acc_t(1) / alpha;
   const acc_t rho_offset = acc_t(1) / (alpha * (alpha - acc_t(1)));
-  return padded_row_sum<acc_t>(padded_cols, [&](int64_t i) {
+  constexpr bool kStoreDirect = std::is_same_v<acc_t, student_t>;
+  const double surrogate = padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
     const Elements<acc_t> e(b, r, i);
     Vec grad, rho_q;  // rho_q = q * rho of the surrogate
     Vec seen = e.q;   // the probability whose zeros make a term vanish
-    if (branch == Branch::ForwardKL) {
+    if (a.branch == Branch::ForwardKL) {
       grad = e.q - e.p;
       rho_q = e.p;
       seen = e.p;
     } else {
-      const Vec w = clipped_weight(branch, e, alpha, clip, log_clip);
-      if (branch == Branch::ReverseKL) {
+      const Vec w = clipped_weight(a.branch, e, alpha, clip, log_clip);
+      if (a.branch == Branch::ReverseKL) {
         grad = zero_where(e.q * (stat_vec - w), e.q);
         rho_q = e.q * (w - one);
       } else {
@@ -166,10 +210,26 @@ inline double branch_gradient(Branch branch, const RowBuffers<acc_t>& b, const R
         rho_q = e.q * ((w + one) * Vec(inv_alpha) + Vec(rho_offset));
       }
     }
-    (grad * scale).store(b.es + i);
-    if (!want_surrogate) return Vec(acc_t(0));
-    return zero_where(Vec(acc_t(0)) - rho_q * e.lq, seen);
-  });
+    if (g_row) {
+      if constexpr (kStoreDirect) {
+        if (i + Vec::size() <= cols) {
+          (grad * scale).store(g_row + i);
+        } else if (i < cols) {
+          (grad * scale).store(g_row + i, cols - i);
+        }
+      } else {
+        (grad * scale).store(b.es + i);  // es[i] is not read again; converted below
+      }
+    }
+    if (!want_surrogate) return std::array<Vec, 1>{Vec(acc_t(0))};
+    return std::array<Vec, 1>{zero_where(Vec(acc_t(0)) - rho_q * e.lq, seen)};
+  })[0];
+  if constexpr (!kStoreDirect) {
+    if (g_row) {
+      for (int64_t j = 0; j < cols; ++j) g_row[j] = static_cast<student_t>(b.es[j]);
+    }
+  }
+  return surrogate;
 }
 
 struct KDParams {
@@ -188,9 +248,8 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
   const teacher_t* t_data = teacher.const_data_ptr<teacher_t>();
   student_t* g_data = grad ? grad->mutable_data_ptr<student_t>() : nullptr;
 
-  const Branch branch_min = classify_alpha(params.alpha_min);
-  const Branch branch_max = classify_alpha(params.alpha_max);
-  const bool same_branch = params.alpha_min == params.alpha_max;
+  const AlphaBranch lo{classify_alpha(params.alpha_min), params.alpha_min};
+  const AlphaBranch hi{classify_alpha(params.alpha_max), params.alpha_max};
   const acc_t inv_temperature = acc_t(1.0 / params.temperature);
   const acc_t clip = acc_t(params.clip), log_clip = acc_t(std::log(params.clip));
   const double t_squared = params.temperature * params.temperature;
@@ -209,30 +268,31 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
         if (g_row) std::fill(g_row, g_row + cols, student_t(0));
         continue;
       }
-      load_scaled_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.s);
-      load_scaled_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.t);
-      const double zs = shift_exp_sum(b.s, b.es, padded_cols);
-      const double zt = shift_exp_sum(b.t, b.et, padded_cols);
+      const acc_t max_s =
+          load_scaled_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.s);
+      const acc_t max_t =
+          load_scaled_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.t);
+      if (!std::isfinite(max_s) || !std::isfinite(max_t)) {
+        // NaN or +inf logits, or a row with every class at -inf: log_softmax itself is undefined.
+        row_values[row] = std::numeric_limits<double>::quiet_NaN();
+        if (g_row) std::fill(g_row, g_row + cols, static_cast<student_t>(std::numeric_limits<acc_t>::quiet_NaN()));
+        continue;
+      }
+      const double zs = shift_exp_sum(b.s, b.es, max_s, padded_cols);
+      const double zt = shift_exp_sum(b.t, b.et, max_t, padded_cols);
       const RowScalars<acc_t> r{acc_t(std::log(zs)), acc_t(std::log(zt)), acc_t(1.0 / zs), acc_t(1.0 / zt)};
 
-      const double stat_min = branch_sum(branch_min, b, r, padded_cols, acc_t(params.alpha_min), clip, log_clip);
-      const double stat_max = same_branch ? stat_min
-                                          : branch_sum(branch_max, b, r, padded_cols, acc_t(params.alpha_max), clip, log_clip);
-      const double d_min = branch_divergence(branch_min, params.alpha_min, stat_min);
-      const double d_max = branch_divergence(branch_max, params.alpha_max, stat_max);
-      const bool use_min = d_min > d_max;  // strict, as in AlphaNet; NaN selects alpha_max
-      const Branch branch = use_min ? branch_min : branch_max;
-      const double alpha = use_min ? params.alpha_min : params.alpha_max;
-      const double stat = use_min ? stat_min : stat_max;
-      double value = use_min ? d_min : d_max;
+      const auto [stat_lo, stat_hi] = branch_statistics(lo, hi, b, r, padded_cols, clip, log_clip);
+      const double d_lo = branch_divergence(lo.branch, lo.alpha, stat_lo);
+      const double d_hi = branch_divergence(hi.branch, hi.alpha, stat_hi);
+      const bool use_lo = d_lo > d_hi;  // strict, as in AlphaNet; NaN selects alpha_max
+      double value = use_lo ? d_lo : d_hi;
 
       if (g_row || params.surrogate) {
-        const double surrogate = branch_gradient(branch, b, r, padded_cols, acc_t(alpha), clip, log_clip,
-                                                 acc_t(stat), row_grad_scale, params.surrogate);
+        const double surrogate = branch_gradient(use_lo ? lo : hi, b, r, cols, padded_cols, clip, log_clip,
+                                                 acc_t(use_lo ? stat_lo : stat_hi), row_grad_scale, g_row,
+                                                 params.surrogate);
         if (params.surrogate) value = surrogate;
-        if (g_row) {
-          for (int64_t j = 0; j < cols; ++j) g_row[j] = static_cast<student_t>(b.es[j]);
-        }
       }
       row_values[row] = value * t_squared;
     }
