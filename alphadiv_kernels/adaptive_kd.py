@@ -6,9 +6,9 @@ checks, backend choice, the fake (meta) implementation for torch.compile, and au
 
 Autograd: the forward writes the gradient of the (reduced) loss with respect to the student logits
 while it has every row in cache, and the backward only scales it by the incoming gradient, in place.
-Forward + backward therefore hold one [N, C] tensor in the student's dtype beyond the inputs. The
-scaling in place means a second backward through the same graph (``retain_graph=True``) is refused
-by autograd's saved-tensor version check instead of returning a wrong gradient.
+Forward + backward therefore hold one [N, C] tensor in the student's dtype beyond the inputs. When
+the graph is retained (``retain_graph=True``, gradcheck, jacobians) the backward scales into a new
+tensor instead, so every pass sees the saved gradient intact.
 """
 from __future__ import annotations
 
@@ -143,8 +143,11 @@ if _extension.HAS_CPU_EXTENSION:
 
     def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
         # loss.backward() passes 1: skip a pass over [N, C]. Only where reading it costs no sync.
-        return (not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-                and bool(grad_loss == 1))
+        return grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+
+    def _is_traced(tensor: torch.Tensor) -> bool:
+        # torch.compile, opcheck and make_fx hand the backward fake or functional tensor subclasses.
+        return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
 
     def _setup_context(ctx, inputs, output):
         _, grad = output
@@ -154,14 +157,19 @@ if _extension.HAS_CPU_EXTENSION:
         ctx.reduction = inputs[7]
         ctx.has_grad = inputs[9]
 
+    def _graph_is_retained() -> bool:
+        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+        return keep_graph is None or keep_graph()
+
     def _backward(ctx, grad_loss, _unused):
         (grad,) = ctx.saved_tensors
-        grad_student = None
-        if ctx.has_grad and ctx.needs_input_grad[0]:
-            if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
-                return (grad,) + (None,) * 9
-            scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
-            grad_student = grad.mul_(scale)  # in place: the saved buffer becomes the result
-        return (grad_student,) + (None,) * 9
+        if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
+            return (None,) * 10
+        scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
+        if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
+            return (grad * scale,) + (None,) * 9  # functional; a retained graph needs the buffer intact
+        if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
+            return (grad,) + (None,) * 9
+        return (grad.mul_(scale),) + (None,) * 9  # in place: the saved buffer becomes the result
 
     torch.library.register_autograd("alphadiv::adaptive_kd", _backward, setup_context=_setup_context)

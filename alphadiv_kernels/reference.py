@@ -36,10 +36,13 @@ def _branch(lq: torch.Tensor, lp: torch.Tensor, alpha: float, clip: float):
         c_minus_one = torch.expm1((alpha * lw).clamp(max=math.log(clip)))
         divergence_terms = q * c_minus_one / (alpha * (alpha - 1.0))
         q_rho = q * ((c_minus_one + 1.0) / alpha + 1.0 / (alpha * (alpha - 1.0)))
-    unseen = seen == 0  # classes the weighting distribution gives no mass contribute exactly 0
+    # Classes the weighting distribution gives no mass contribute exactly 0 (their terms may be
+    # 0 * inf or NaN); zeroing both factors keeps NaN out of the backward too.
+    unseen = seen == 0
     divergence = torch.where(unseen, 0.0, divergence_terms).sum(-1)
+    q_rho = torch.where(unseen, 0.0, q_rho).detach()
     # d/ds_j of -sum_i q_rho_i * lq_i (q_rho held fixed) is the clipped gradient of Eq. 5.
-    surrogate = -torch.where(unseen, 0.0, q_rho.detach() * lq).sum(-1)
+    surrogate = -(q_rho * torch.where(unseen, 0.0, lq)).sum(-1)
     return divergence, surrogate
 
 

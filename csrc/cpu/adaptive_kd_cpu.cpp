@@ -48,7 +48,9 @@ struct RowBuffers {
 
 template <typename acc_t>
 struct RowScalars {
-  acc_t log_zs, log_zt, inv_zs, inv_zt;
+  acc_t log_zs;     // log q = s - log_zs
+  acc_t log_ratio;  // log w = (t - s) + log_ratio, log_ratio = log Z_s - log Z_t (formed in double)
+  acc_t inv_zs, inv_zt;
 };
 
 // Sums of K streams of terms over the padded row; term(i) returns the K vectors of terms at i.
@@ -118,7 +120,7 @@ inline double shift_exp_sum(acc_t* x, acc_t* e, acc_t row_max, int64_t padded_co
   return padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
     const Vec shifted = Vec::loadu(x + i) - max_vec;
     shifted.store(x + i);
-    const Vec ex = shifted.exp_u20();  // 20 ulp: far below the op's tolerance, much faster than exp
+    const Vec ex = shifted.exp();
     ex.store(e + i);
     return std::array<Vec, 1>{ex};
   })[0];
@@ -128,11 +130,12 @@ inline double shift_exp_sum(acc_t* x, acc_t* e, acc_t row_max, int64_t padded_co
 template <typename acc_t>
 struct Elements {
   using Vec = Vectorized<acc_t>;
-  Vec lq, lw, q, p;
+  Vec s, lw, q, p;
   Elements(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, int64_t i) {
-    lq = Vec::loadu(b.s + i) - Vec(r.log_zs);
-    const Vec lp = Vec::loadu(b.t + i) - Vec(r.log_zt);
-    lw = lp - lq;
+    // log w from the shifted logits and one per-row constant: log Z (~log C) never rounds into it,
+    // so close distributions keep their small log-ratios exact to a few ulps.
+    s = Vec::loadu(b.s + i);
+    lw = (Vec::loadu(b.t + i) - s) + Vec(r.log_ratio);
     q = Vec::loadu(b.es + i) * Vec(r.inv_zs);
     p = Vec::loadu(b.et + i) * Vec(r.inv_zt);
   }
@@ -222,7 +225,8 @@ inline double branch_gradient(const AlphaBranch& a, const RowBuffers<acc_t>& b, 
       }
     }
     if (!want_surrogate) return std::array<Vec, 1>{Vec(acc_t(0))};
-    return std::array<Vec, 1>{zero_where(Vec(acc_t(0)) - rho_q * e.lq, seen)};
+    const Vec lq = e.s - Vec(r.log_zs);
+    return std::array<Vec, 1>{zero_where(Vec(acc_t(0)) - rho_q * lq, seen)};
   })[0];
   if constexpr (!kStoreDirect) {
     if (g_row) {
@@ -280,7 +284,8 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
       }
       const double zs = shift_exp_sum(b.s, b.es, max_s, padded_cols);
       const double zt = shift_exp_sum(b.t, b.et, max_t, padded_cols);
-      const RowScalars<acc_t> r{acc_t(std::log(zs)), acc_t(std::log(zt)), acc_t(1.0 / zs), acc_t(1.0 / zt)};
+      const RowScalars<acc_t> r{acc_t(std::log(zs)), acc_t(std::log(zs) - std::log(zt)), acc_t(1.0 / zs),
+                                acc_t(1.0 / zt)};
 
       const auto [stat_lo, stat_hi] = branch_statistics(lo, hi, b, r, padded_cols, clip, log_clip);
       const double d_lo = branch_divergence(lo.branch, lo.alpha, stat_lo);
