@@ -143,7 +143,7 @@ if _extension.HAS_CPU_EXTENSION:
 
     def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
         # loss.backward() passes 1: skip a pass over [N, C]. Only where reading it costs no sync.
-        return grad_loss.device.type == "cpu" and bool(grad_loss == 1)
+        return grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
 
     def _is_traced(tensor: torch.Tensor) -> bool:
         # torch.compile, opcheck and make_fx hand the backward fake or functional tensor subclasses.

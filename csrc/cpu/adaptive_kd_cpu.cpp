@@ -1,14 +1,16 @@
 // Fused adaptive alpha-divergence KD on CPU: one task per block of rows, each row copied once into
 // per-thread buffers (converted to the compute type and divided by T), then swept in cache.
 //
-// Sweeps per row (math in ../adaptive_kd_math.h):
-//   1. load s/T and t/T into buffers, pad to a whole vector with -inf (pads then add exactly 0
+// Sweeps per row (math in ../adaptive_kd_math.h), with xs = s - max s, xt = t - max t:
+//   1. load s/T and t/T into buffers, padded to a whole vector with -inf (pads then add exactly 0
 //      to every sum below, so no sweep needs a tail), and take both row maxima;
-//   2. s <- s - max_s, es <- exp(s), Z_s = sum es; the same for the teacher (2 exps per element);
-//   3. per alpha: the branch sums (forward KL and alpha = -1 need no further exponential);
+//   2. es = exp(xs), et = exp(xt) (the only two exponentials per element), Z_s, Z_t, and the
+//      forward-KL sum  sum p lw = (1/Z_t) sum et (xt - xs) + log(Z_s / Z_t);
+//   3. for each alpha that is not forward KL, its statistic (alpha = -1 needs no exponential);
 //   4. the selected branch: the gradient, written once in the student's dtype, and the surrogate
 //      value when asked for.
-// Sums run in vectors within blocks of kSumBlock elements and in double across blocks.
+// The normalisations 1/Z are applied to the sums, not to every element. Sums run in vectors within
+// blocks of kSumBlock elements and in double across blocks.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -48,17 +50,19 @@ constexpr int64_t kElementsPerTask = 1 << 15;  // rows per parallel task ~ this 
 
 template <typename acc_t>
 struct RowBuffers {
-  acc_t* s;   // s/T
-  acc_t* t;   // t/T
-  acc_t* es;  // exp(s), later the gradient row
-  acc_t* et;  // exp(t)
+  acc_t* xs;  // s/T, then s/T - max
+  acc_t* xt;  // t/T, then t/T - max
+  acc_t* es;  // exp(xs), later the gradient row
+  acc_t* et;  // exp(xt)
 };
 
+// Per-row constants of sweeps 3 and 4.
 template <typename acc_t>
 struct RowScalars {
-  acc_t log_norm_s;  // log q = s - log_norm_s, log_norm_s = max_s + log Z_s
-  acc_t log_ratio;   // log w = (t - s) + log_ratio, log_ratio = log_norm_s - log_norm_t (formed in double)
-  acc_t inv_zs, inv_zt;
+  acc_t log_ratio;  // log w = (xt - xs) + log_ratio, log_ratio = log(Z_s / Z_t)
+  acc_t log_zs;     // log q = xs - log_zs
+  acc_t zt_over_zs;
+  acc_t clip, log_clip;
 };
 
 // Sums of K streams of terms over the padded row; term(i) returns the K vectors of terms at i.
@@ -144,74 +148,135 @@ inline Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& x) {
   }
 }
 
-// e <- exp(x - row_max); returns sum(e).
 template <typename acc_t>
-inline double shifted_exp_sum(const acc_t* x, acc_t* e, acc_t row_max, int64_t padded_cols) {
+inline Vectorized<acc_t> zero_where_zero(const Vectorized<acc_t>& value, const Vectorized<acc_t>& weight) {
+  // weight == 0 marks a class the distribution does not see: its term is 0 whatever value holds
+  // (0 * inf, or NaN from -inf - -inf).
+  return Vectorized<acc_t>::blendv(value, Vectorized<acc_t>(acc_t(0)), weight == Vectorized<acc_t>(acc_t(0)));
+}
+
+// Sweep 2: shifts both rows by their maxima, stores exp of both; returns {Z_s, Z_t, sum et (xt - xs)}.
+template <typename acc_t>
+inline std::array<double, 3> exp_sweep(const RowBuffers<acc_t>& b, acc_t max_s, acc_t max_t, int64_t padded_cols) {
   using Vec = Vectorized<acc_t>;
-  const Vec max_vec(row_max);
+  const Vec shift_s(max_s), shift_t(max_t);
+  return padded_row_sums<acc_t, 3>(padded_cols, [&](int64_t i) {
+    const Vec xs = Vec::loadu(b.xs + i) - shift_s;
+    const Vec xt = Vec::loadu(b.xt + i) - shift_t;
+    const Vec es = exp_nonpositive(xs), et = exp_nonpositive(xt);
+    xs.store(b.xs + i);
+    xt.store(b.xt + i);
+    es.store(b.es + i);
+    et.store(b.et + i);
+    return std::array<Vec, 3>{es, et, zero_where_zero(et * (xt - xs), et)};
+  });
+}
+
+// The clipped weight of an alpha branch at one vector: c - 1 (General, NegOne) or log c (ReverseKL).
+template <Branch kBranch, typename acc_t>
+inline Vectorized<acc_t> clipped_weight(const Vectorized<acc_t>& xs, const Vectorized<acc_t>& xt,
+                                        const Vectorized<acc_t>& es, const Vectorized<acc_t>& et,
+                                        const RowScalars<acc_t>& r, acc_t alpha) {
+  using Vec = Vectorized<acc_t>;
+  if constexpr (kBranch == Branch::NegOne) {  // c = min(q / p, clip) = min(es / et * Z_t / Z_s, clip)
+    return at::vec::minimum(es / et * Vec(r.zt_over_zs), Vec(r.clip)) - Vec(acc_t(1));
+  } else {
+    const Vec log_w = (xt - xs) + Vec(r.log_ratio);
+    if constexpr (kBranch == Branch::ReverseKL) {
+      return at::vec::minimum(log_w, Vec(r.log_clip));
+    } else {
+      return at::vec::minimum(log_w * Vec(alpha), Vec(r.log_clip)).expm1();
+    }
+  }
+}
+
+// Sweep 3: the statistic of an alpha branch (R or B of adaptive_kd_math.h).
+template <Branch kBranch, typename acc_t>
+inline double alpha_statistic(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, acc_t alpha, acc_t inv_zs,
+                              int64_t padded_cols) {
+  using Vec = Vectorized<acc_t>;
+  const double sum = padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
+    const Vec es = Vec::loadu(b.es + i);
+    const Vec w = clipped_weight<kBranch>(Vec::loadu(b.xs + i), Vec::loadu(b.xt + i), es, Vec::loadu(b.et + i), r,
+                                          alpha);
+    return std::array<Vec, 1>{zero_where_zero(es * w, es)};
+  })[0];
+  return sum * inv_zs;
+}
+
+// Sweep 4: writes scale * d D / d s of the branch into b.es (in place: es[i] is not read again) and
+// returns the unnormalised surrogate sum when kSurrogate.
+template <Branch kBranch, bool kSurrogate, typename acc_t>
+inline double gradient_sweep(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, acc_t alpha, acc_t stat,
+                             acc_t q_scale, acc_t p_scale, bool write_grad, int64_t padded_cols) {
+  using Vec = Vectorized<acc_t>;
+  const acc_t inv_alpha = acc_t(1) / alpha, rho_offset = acc_t(1) / (alpha * (alpha - acc_t(1)));
   return padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
-    const Vec ex = exp_nonpositive(Vec::loadu(x + i) - max_vec);
-    ex.store(e + i);
-    return std::array<Vec, 1>{ex};
+    const Vec es = Vec::loadu(b.es + i), et = Vec::loadu(b.et + i);
+    Vec grad, rho_e, seen;  // rho_e = e * rho of the surrogate, e = es (or et for forward KL)
+    if constexpr (kBranch == Branch::ForwardKL) {
+      grad = es * Vec(q_scale) - et * Vec(p_scale);  // (q - p) * scale
+      rho_e = et;
+      seen = et;
+    } else {
+      const Vec xs = Vec::loadu(b.xs + i), xt = Vec::loadu(b.xt + i);
+      const Vec w = clipped_weight<kBranch>(xs, xt, es, et, r, alpha);
+      grad = zero_where_zero(es * (Vec(stat) - w) * Vec(q_scale), es);
+      seen = es;
+      if constexpr (kSurrogate) {
+        rho_e = kBranch == Branch::ReverseKL ? es * (w - Vec(acc_t(1)))
+                                             : es * ((w + Vec(acc_t(1))) * Vec(inv_alpha) + Vec(rho_offset));
+      }
+    }
+    if (write_grad) grad.store(b.es + i);
+    if constexpr (!kSurrogate) {
+      return std::array<Vec, 1>{Vec(acc_t(0))};
+    } else {
+      const Vec log_q = Vec::loadu(b.xs + i) - Vec(r.log_zs);
+      return std::array<Vec, 1>{zero_where_zero(Vec(acc_t(0)) - rho_e * log_q, seen)};
+    }
   })[0];
 }
 
-// Per-element quantities of one row position, computed from the buffers.
 template <typename acc_t>
-struct Elements {
-  using Vec = Vectorized<acc_t>;
-  Vec s, lw, q, p;
-  Elements(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, int64_t i) {
-    // log w from the logits' difference and one per-row constant: neither the maxima nor log Z
-    // (~log C) round into it, so close distributions keep their small log-ratios to a few ulps.
-    s = Vec::loadu(b.s + i);
-    lw = (Vec::loadu(b.t + i) - s) + Vec(r.log_ratio);
-    q = Vec::loadu(b.es + i) * Vec(r.inv_zs);
-    p = Vec::loadu(b.et + i) * Vec(r.inv_zt);
-  }
-};
+using StatisticFn = double (*)(const RowBuffers<acc_t>&, const RowScalars<acc_t>&, acc_t, acc_t, int64_t);
+template <typename acc_t>
+using GradientFn = double (*)(const RowBuffers<acc_t>&, const RowScalars<acc_t>&, acc_t, acc_t, acc_t, acc_t, bool,
+                              int64_t);
 
 template <typename acc_t>
-inline Vectorized<acc_t> zero_where(const Vectorized<acc_t>& value, const Vectorized<acc_t>& prob) {
-  // prob == 0 marks a class the distribution does not see: its term is 0 whatever value holds.
-  return Vectorized<acc_t>::blendv(value, Vectorized<acc_t>(acc_t(0)), prob == Vectorized<acc_t>(acc_t(0)));
+StatisticFn<acc_t> statistic_for(Branch branch) {
+  switch (branch) {
+    case Branch::ReverseKL: return &alpha_statistic<Branch::ReverseKL, acc_t>;
+    case Branch::NegOne: return &alpha_statistic<Branch::NegOne, acc_t>;
+    case Branch::General: return &alpha_statistic<Branch::General, acc_t>;
+    default: return nullptr;  // forward KL: summed in the exp sweep
+  }
 }
 
+template <typename acc_t, bool kSurrogate>
+GradientFn<acc_t> gradient_for(Branch branch) {
+  switch (branch) {
+    case Branch::ForwardKL: return &gradient_sweep<Branch::ForwardKL, kSurrogate, acc_t>;
+    case Branch::ReverseKL: return &gradient_sweep<Branch::ReverseKL, kSurrogate, acc_t>;
+    case Branch::NegOne: return &gradient_sweep<Branch::NegOne, kSurrogate, acc_t>;
+    default: return &gradient_sweep<Branch::General, kSurrogate, acc_t>;
+  }
+}
+
+// One alpha of the pair, with the sweeps that serve it.
+template <typename acc_t>
 struct AlphaBranch {
   Branch branch;
   double alpha;
+  StatisticFn<acc_t> statistic;
+  GradientFn<acc_t> gradient;
+  AlphaBranch(double alpha_value, bool surrogate)
+      : branch(classify_alpha(alpha_value)),
+        alpha(alpha_value),
+        statistic(statistic_for<acc_t>(branch)),
+        gradient(surrogate ? gradient_for<acc_t, true>(branch) : gradient_for<acc_t, false>(branch)) {}
 };
-
-// c - 1 of the alpha branches (General, NegOne) and log c of ReverseKL, vectorized.
-template <typename acc_t>
-inline Vectorized<acc_t> clipped_weight(Branch branch, const Elements<acc_t>& e, acc_t alpha, acc_t clip,
-                                        acc_t log_clip) {
-  using Vec = Vectorized<acc_t>;
-  switch (branch) {
-    case Branch::ReverseKL: return at::vec::minimum(e.lw, Vec(log_clip));
-    case Branch::NegOne: return at::vec::minimum(e.q / e.p, Vec(clip)) - Vec(acc_t(1));
-    default: return at::vec::minimum(e.lw * Vec(alpha), Vec(log_clip)).expm1();
-  }
-}
-
-// The statistic a branch keeps for its gradient (see the table in adaptive_kd_math.h), one term.
-template <typename acc_t>
-inline Vectorized<acc_t> statistic_term(const AlphaBranch& a, const Elements<acc_t>& e, acc_t clip, acc_t log_clip) {
-  if (a.branch == Branch::ForwardKL) return zero_where(e.p * e.lw, e.p);
-  return zero_where(e.q * clipped_weight(a.branch, e, acc_t(a.alpha), clip, log_clip), e.q);
-}
-
-// Both alphas' statistics in one sweep.
-template <typename acc_t>
-inline std::array<double, 2> branch_statistics(const AlphaBranch& lo, const AlphaBranch& hi, const RowBuffers<acc_t>& b,
-                                               const RowScalars<acc_t>& r, int64_t padded_cols, acc_t clip,
-                                               acc_t log_clip) {
-  using Vec = Vectorized<acc_t>;
-  return padded_row_sums<acc_t, 2>(padded_cols, [&](int64_t i) {
-    const Elements<acc_t> e(b, r, i);
-    return std::array<Vec, 2>{statistic_term(lo, e, clip, log_clip), statistic_term(hi, e, clip, log_clip)};
-  });
-}
 
 // Copies a finished gradient row (in cache) to the output. fp32 rows go out with non-temporal
 // stores: the [N, C] gradient is far larger than the caches and is not read again by this op, so
@@ -241,44 +306,6 @@ inline void write_gradient_row(const acc_t* row, student_t* out, int64_t cols) {
   for (int64_t j = 0; j < cols; ++j) out[j] = static_cast<student_t>(row[j]);
 }
 
-// Writes grad_scale * d D / d s of the chosen branch to g_row (student dtype) and returns the
-// surrogate -sum q rho lq when asked for.
-template <typename acc_t, typename student_t>
-inline double branch_gradient(const AlphaBranch& a, const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r,
-                              int64_t cols, int64_t padded_cols, acc_t clip, acc_t log_clip, acc_t stat,
-                              acc_t grad_scale, student_t* g_row, bool want_surrogate) {
-  using Vec = Vectorized<acc_t>;
-  const Vec scale(grad_scale), stat_vec(stat), one(acc_t(1));
-  const acc_t alpha = acc_t(a.alpha);
-  const acc_t inv_alpha = acc_t(1) / alpha;
-  const acc_t rho_offset = acc_t(1) / (alpha * (alpha - acc_t(1)));
-  const double surrogate = padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
-    const Elements<acc_t> e(b, r, i);
-    Vec grad, rho_q;  // rho_q = q * rho of the surrogate
-    Vec seen = e.q;   // the probability whose zeros make a term vanish
-    if (a.branch == Branch::ForwardKL) {
-      grad = e.q - e.p;
-      rho_q = e.p;
-      seen = e.p;
-    } else {
-      const Vec w = clipped_weight(a.branch, e, alpha, clip, log_clip);
-      if (a.branch == Branch::ReverseKL) {
-        grad = zero_where(e.q * (stat_vec - w), e.q);
-        rho_q = e.q * (w - one);
-      } else {
-        grad = zero_where(e.q * (stat_vec - w) * Vec(inv_alpha), e.q);
-        rho_q = e.q * ((w + one) * Vec(inv_alpha) + Vec(rho_offset));
-      }
-    }
-    if (g_row) (grad * scale).store(b.es + i);  // es[i] is not read again; written out below
-    if (!want_surrogate) return std::array<Vec, 1>{Vec(acc_t(0))};
-    const Vec lq = e.s - Vec(r.log_norm_s);
-    return std::array<Vec, 1>{zero_where(Vec(acc_t(0)) - rho_q * lq, seen)};
-  })[0];
-  if (g_row) write_gradient_row(b.es, g_row, cols);
-  return surrogate;
-}
-
 struct KDParams {
   double alpha_min, alpha_max, clip, temperature;
   int64_t reduction;
@@ -295,13 +322,11 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
   const teacher_t* t_data = teacher.const_data_ptr<teacher_t>();
   student_t* g_data = grad ? grad->mutable_data_ptr<student_t>() : nullptr;
 
-  const AlphaBranch lo{classify_alpha(params.alpha_min), params.alpha_min};
-  const AlphaBranch hi{classify_alpha(params.alpha_max), params.alpha_max};
+  const AlphaBranch<acc_t> lo(params.alpha_min, params.surrogate), hi(params.alpha_max, params.surrogate);
   const acc_t inv_temperature = acc_t(1.0 / params.temperature);
-  const acc_t clip = acc_t(params.clip), log_clip = acc_t(std::log(params.clip));
   const double t_squared = params.temperature * params.temperature;
   // d (T^2 D(s / T)) / d s = T * D'(s / T), times the reduction's row weight.
-  const acc_t row_grad_scale = acc_t(grad_scale * params.temperature);
+  const double row_grad_scale = grad_scale * params.temperature;
 
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
@@ -316,32 +341,42 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
         continue;
       }
       const acc_t max_s =
-          load_scaled_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.s);
+          load_scaled_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.xs);
       const acc_t max_t =
-          load_scaled_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.t);
+          load_scaled_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.xt);
       if (!std::isfinite(max_s) || !std::isfinite(max_t)) {
         // NaN or +inf logits, or a row with every class at -inf: log_softmax itself is undefined.
         row_values[row] = std::numeric_limits<double>::quiet_NaN();
         if (g_row) std::fill(g_row, g_row + cols, static_cast<student_t>(std::numeric_limits<acc_t>::quiet_NaN()));
         continue;
       }
-      const double zs = shifted_exp_sum(b.s, b.es, max_s, padded_cols);
-      const double zt = shifted_exp_sum(b.t, b.et, max_t, padded_cols);
-      const double log_norm_s = double(max_s) + std::log(zs), log_norm_t = double(max_t) + std::log(zt);
-      const RowScalars<acc_t> r{acc_t(log_norm_s), acc_t(log_norm_s - log_norm_t), acc_t(1.0 / zs),
-                                acc_t(1.0 / zt)};
-
-      const auto [stat_lo, stat_hi] = branch_statistics(lo, hi, b, r, padded_cols, clip, log_clip);
+      const auto [zs, zt, kl_unnormalised] = exp_sweep(b, max_s, max_t, padded_cols);
+      const double log_ratio = std::log(zs) - std::log(zt);
+      const RowScalars<acc_t> r{acc_t(log_ratio), acc_t(std::log(zs)), acc_t(zt / zs), acc_t(params.clip),
+                                acc_t(std::log(params.clip))};
+      const double forward_kl = kl_unnormalised / zt + log_ratio;  // sum p (xt - xs) + log(Z_s / Z_t)
+      const auto statistic = [&](const AlphaBranch<acc_t>& a) {
+        return a.statistic ? a.statistic(b, r, acc_t(a.alpha), acc_t(1.0 / zs), padded_cols) : forward_kl;
+      };
+      const double stat_lo = statistic(lo);
+      const double stat_hi = params.alpha_min == params.alpha_max ? stat_lo : statistic(hi);
       const double d_lo = branch_divergence(lo.branch, lo.alpha, stat_lo);
       const double d_hi = branch_divergence(hi.branch, hi.alpha, stat_hi);
       const bool use_lo = d_lo > d_hi;  // strict, as in AlphaNet; NaN selects alpha_max
+      const AlphaBranch<acc_t>& chosen = use_lo ? lo : hi;
       double value = use_lo ? d_lo : d_hi;
 
       if (g_row || params.surrogate) {
-        const double surrogate = branch_gradient(use_lo ? lo : hi, b, r, cols, padded_cols, clip, log_clip,
-                                                 acc_t(use_lo ? stat_lo : stat_hi), row_grad_scale, g_row,
-                                                 params.surrogate);
-        if (params.surrogate) value = surrogate;
+        // q = es / Z_s, p = et / Z_t; the alpha branches carry their 1 / alpha in the q factor.
+        const double q_scale = row_grad_scale / zs / (chosen.branch == Branch::ForwardKL ||
+                                                              chosen.branch == Branch::ReverseKL
+                                                          ? 1.0
+                                                          : chosen.alpha);
+        const double surrogate = chosen.gradient(b, r, acc_t(chosen.alpha), acc_t(use_lo ? stat_lo : stat_hi),
+                                                 acc_t(q_scale), acc_t(row_grad_scale / zt), g_row != nullptr,
+                                                 padded_cols);
+        if (params.surrogate) value = surrogate / (chosen.branch == Branch::ForwardKL ? zt : zs);
+        if (g_row) write_gradient_row(b.es, g_row, cols);
       }
       row_values[row] = value * t_squared;
     }
