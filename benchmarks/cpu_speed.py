@@ -3,7 +3,8 @@
     python -m benchmarks.cpu_speed [--shapes 2048x1000 512x32000] [--repeats 15] [--threads N]
 
 Every provider runs on the same fp32 inputs in this one process; each time is the median of
-`--repeats` timed runs after warm-up (compile time excluded and reported apart). Baselines: the
+`--repeats` timed runs after warm-up, in blocks that take turns over three rounds (compile time
+excluded and reported apart). Baselines: the
 eager reference `adaptive_kd_reference` (same semantics as the op) and `torch.compile` of it, and
 AlphaNet's own loss code eager and compiled. Prints a table and the ratios the op is judged by:
 speedup over the eager and the compiled reference, and time relative to `torch.log_softmax` of the
@@ -21,16 +22,25 @@ import torch
 from alphadiv_kernels import adaptive_kd_reference, alphanet_adaptive_loss_soft, fused_adaptive_kd
 
 
-def median_ms(fn: Callable[[], None], repeats: int, warmup: int = 3) -> Tuple[float, float, float]:
-    """(median, min, max) wall time of fn in milliseconds."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), min(times), max(times)
+def timed_in_rounds(steps: Dict[str, Callable[[], None]], repeats: int, rounds: int = 3, warmup: int = 3
+                    ) -> Dict[str, Tuple[float, float, float]]:
+    """(median, min, max) wall time in ms of each step over `repeats` runs.
+
+    Each provider runs a block of consecutive calls (its steady state: the allocator reuses what
+    the previous call freed, as in a training loop), and the blocks take turns over `rounds`
+    rounds, so slow drift of a shared machine reaches every provider alike.
+    """
+    times: Dict[str, List[float]] = {name: [] for name in steps}
+    per_round = max(1, -(-repeats // rounds))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for _ in range(warmup):
+                step()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                step()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: (statistics.median(t), min(t), max(t)) for name, t in times.items()}
 
 
 def forward_backward(loss_fn: Callable, student: torch.Tensor, teacher: torch.Tensor) -> Callable[[], None]:
@@ -47,18 +57,18 @@ def run_shape(rows: int, cols: int, repeats: int) -> Dict[str, Tuple[float, floa
     generator = torch.Generator().manual_seed(rows * 100003 + cols)
     student = torch.randn(rows, cols, generator=generator) * 3
     teacher = torch.randn(rows, cols, generator=generator) * 3
-    results = {}
+    steps = {}
     for name, loss_fn in (("reference", adaptive_kd_reference), ("AlphaNet code", alphanet_adaptive_loss_soft)):
         compiled = torch.compile(loss_fn)
         start = time.perf_counter()
         forward_backward(compiled, student, teacher)()  # compile outside the timed runs
         print(f"  (torch.compile of the {name} took {time.perf_counter() - start:.1f} s, not counted)")
-        results[f"eager {name}"] = median_ms(forward_backward(loss_fn, student, teacher), repeats)
-        results[f"torch.compile {name}"] = median_ms(forward_backward(compiled, student, teacher), repeats)
-    results["fused_adaptive_kd (cpu)"] = median_ms(
-        forward_backward(lambda s, t: fused_adaptive_kd(s, t, backend="cpu"), student, teacher), repeats)
-    results["log_softmax(student), forward only"] = median_ms(lambda: torch.log_softmax(student, -1), repeats)
-    return results
+        steps[f"eager {name}"] = forward_backward(loss_fn, student, teacher)
+        steps[f"torch.compile {name}"] = forward_backward(compiled, student, teacher)
+    steps["fused_adaptive_kd (cpu)"] = forward_backward(lambda s, t: fused_adaptive_kd(s, t, backend="cpu"),
+                                                        student, teacher)
+    steps["log_softmax(student), forward only"] = lambda: torch.log_softmax(student, -1)
+    return timed_in_rounds(steps, repeats)
 
 
 def main(argv: List[str] | None = None) -> None:
