@@ -1,0 +1,108 @@
+"""What is benchmarked: shapes, providers and the byte model."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+import alphadiv_kernels as ak
+
+# Supernet KD (ImageNet classes) and LLM distillation (vocabularies), per device.
+DEFAULT_SHAPES = {
+    "cpu": ["32x1000", "256x1000", "2048x1000", "4096x32000"],
+    "cuda": ["32x1000", "256x1000", "2048x1000", "8192x128256", "16384x131072"],
+}
+DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
+MODES = ("fwd", "fwd+bwd")
+
+Step = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class Case:
+    rows: int
+    cols: int
+    dtype: torch.dtype
+    device: str
+    mode: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.rows}x{self.cols}"
+
+    def bytes_moved(self) -> int:
+        """Byte model: read student + read teacher (+ write the gradient, in fwd+bwd)."""
+        element = torch.finfo(self.dtype).bits // 8
+        tensors = 3 if self.mode == "fwd+bwd" else 2
+        return self.rows * self.cols * element * tensors
+
+    def make_inputs(self, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        student = (torch.randn(self.rows, self.cols, generator=generator) * 3).to(self.device, self.dtype)
+        teacher = (torch.randn(self.rows, self.cols, generator=generator) * 3).to(self.device, self.dtype)
+        return student, teacher
+
+
+def parse_shape(text: str) -> tuple:
+    try:
+        rows, cols = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: {text!r} is not of the form NxC (e.g. 2048x1000)") from None
+    if rows <= 0 or cols <= 0:
+        raise SystemExit(f"--shapes: {text!r} needs positive sizes")
+    return rows, cols
+
+
+def _liger_kl() -> Optional[Callable]:
+    try:
+        from liger_kernel.transformers import LigerKLDIVLoss  # type: ignore
+    except ImportError:
+        return None
+    loss = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    return lambda s, t: loss(torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
+
+
+def available_providers(device: str) -> Dict[str, Callable]:
+    """Loss functions (student, teacher) -> scalar, by provider name, for this device."""
+    providers: Dict[str, Callable] = {
+        "eager": ak.adaptive_kd_reference,
+        "compile": torch.compile(ak.adaptive_kd_reference),
+        "alphanet-eager": ak.alphanet_adaptive_loss_soft,
+    }
+    for backend in ak.available_backends():
+        if backend == "reference" or (backend == "cpu") != (device == "cpu"):
+            continue
+        providers[f"fused-{backend}"] = lambda s, t, backend=backend: ak.fused_adaptive_kd(s, t, backend=backend)
+    if device == "cuda" and _liger_kl() is not None:
+        providers["liger-kl (alpha 1,1)"] = _liger_kl()
+    return providers
+
+
+DEFAULT_PROVIDERS = ("eager", "compile", "fused-cpu", "fused-cuda", "fused-triton", "liger-kl (alpha 1,1)")
+
+
+def make_step(loss_fn: Callable, student: torch.Tensor, teacher: torch.Tensor, mode: str) -> Step:
+    """One call of the provider in the given mode; fwd+bwd includes the backward into the student."""
+    if mode == "fwd":
+        def forward() -> None:
+            with torch.no_grad():
+                loss_fn(student, teacher)
+        return forward
+    leaf = student.detach().clone().requires_grad_(True)
+
+    def forward_backward() -> None:
+        loss_fn(leaf, teacher).backward()
+        leaf.grad = None
+    return forward_backward
+
+
+def select_providers(requested: Optional[List[str]], device: str) -> Dict[str, Callable]:
+    providers = available_providers(device)
+    if requested is None:
+        return {name: fn for name, fn in providers.items() if name in DEFAULT_PROVIDERS}
+    unknown = [name for name in requested if name not in providers]
+    if unknown:
+        raise SystemExit(f"--providers: {', '.join(unknown)} not available on {device}; "
+                         f"choose from {', '.join(providers)}")
+    return {name: providers[name] for name in requested}

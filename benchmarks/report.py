@@ -1,0 +1,112 @@
+"""Results: one row per (case, provider); printed, and written as CSV, Markdown and a PNG plot."""
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import asdict, dataclass
+from typing import List, Optional
+
+
+@dataclass
+class Row:
+    shape: str
+    dtype: str
+    mode: str
+    provider: str
+    median_ms: float
+    min_ms: float
+    p20_ms: float
+    p80_ms: float
+    max_ms: float
+    runs: int
+    speedup_vs_eager: Optional[float]
+    speedup_vs_compile: Optional[float]
+    gbs: float  # byte model: read student + teacher (+ write gradient) per median time
+    fraction_of_copy_bw: float
+    peak_mb: Optional[float]  # inputs + everything held at the peak of one call
+    peak_vs_ideal: Optional[float]  # peak / (inputs + one gradient); 1.0 is the floor
+
+
+def _fmt(value, digits=2) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f}"
+
+
+HEADER = ["shape", "mode", "provider", "median ms", "min", "p20", "p80", "max", "runs", "x eager", "x compile",
+          "GB/s", "of copy BW", "peak MB", "peak/ideal"]
+
+
+def _cells(row: Row) -> List[str]:
+    return [row.shape, row.mode, row.provider, _fmt(row.median_ms, 3), _fmt(row.min_ms, 3), _fmt(row.p20_ms, 3),
+            _fmt(row.p80_ms, 3), _fmt(row.max_ms, 3), str(row.runs), _fmt(row.speedup_vs_eager, 1),
+            _fmt(row.speedup_vs_compile, 1), _fmt(row.gbs, 1), _fmt(row.fraction_of_copy_bw * 100, 0) + "%",
+            _fmt(row.peak_mb, 0), _fmt(row.peak_vs_ideal, 2)]
+
+
+def print_table(rows: List[Row]) -> None:
+    table = [HEADER] + [_cells(row) for row in rows]
+    widths = [max(len(line[i]) for line in table) for i in range(len(HEADER))]
+    for index, line in enumerate(table):
+        print("  ".join(cell.rjust(width) if i > 2 else cell.ljust(width)
+                        for i, (cell, width) in enumerate(zip(line, widths))))
+        if index == 0:
+            print("  ".join("-" * width for width in widths))
+
+
+def markdown(rows: List[Row], title: str) -> str:
+    lines = [f"### {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: List[Row], out_dir: str, title: str) -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path, md_path, png_path = (os.path.join(out_dir, name) for name in ("results.csv", "results.md", "results.png"))
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(row) for row in rows)
+    with open(md_path, "w") as handle:
+        handle.write(markdown(rows, title))
+    plot(rows, png_path, title)
+    return [csv_path, md_path, png_path]
+
+
+def plot(rows: List[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = sorted({row.mode for row in rows}, key=lambda m: m != "fwd")
+    shapes = list(dict.fromkeys(row.shape for row in rows))
+    providers = list(dict.fromkeys(row.provider for row in rows))
+    figure, axes = plt.subplots(2, len(modes), figsize=(6.5 * len(modes), 8), squeeze=False)
+    width = 0.8 / max(len(providers), 1)
+    for column, mode in enumerate(modes):
+        by_key = {(row.shape, row.provider): row for row in rows if row.mode == mode}
+        time_axis, speed_axis = axes[0][column], axes[1][column]
+        for index, provider in enumerate(providers):
+            xs = [i + index * width for i, shape in enumerate(shapes) if (shape, provider) in by_key]
+            time_axis.bar(xs, [by_key[(shape, provider)].median_ms for shape in shapes if (shape, provider) in by_key],
+                          width, label=provider)
+        time_axis.set_yscale("log")
+        time_axis.set_ylabel("median time (ms, log)")
+        time_axis.set_title(f"{mode}")
+        time_axis.set_xticks([i + width * (len(providers) - 1) / 2 for i in range(len(shapes))], shapes)
+        time_axis.legend(fontsize=8)
+        fused = [p for p in providers if p.startswith("fused")]
+        for index, provider in enumerate(fused):
+            for baseline, attribute in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
+                values = [getattr(by_key[(shape, provider)], attribute) or 0 for shape in shapes
+                          if (shape, provider) in by_key]
+                speed_axis.plot(shapes[:len(values)], values, marker="o", label=f"{provider} vs {baseline}")
+        speed_axis.axhline(1.0, color="grey", linewidth=0.8)
+        speed_axis.set_yscale("log")
+        speed_axis.set_ylabel("speedup (x, log)")
+        speed_axis.legend(fontsize=8)
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,116 @@
+"""`python -m benchmarks`: fused_adaptive_kd against eager PyTorch and torch.compile.
+
+Every provider runs on the same inputs in this one process; see timing.time_in_rounds for how the
+runs are scheduled and memory.py for how peak memory is measured.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import subprocess
+from typing import Dict, List, Optional
+
+import torch
+
+from . import memory, report
+from .cases import DEFAULT_DTYPE, DEFAULT_SHAPES, MODES, Case, make_step, parse_shape, select_providers
+from .timing import copy_bandwidth_gbs, time_in_rounds
+
+
+def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                        help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--shapes", nargs="+", default=None, help="NxC shapes (default: the device's set)")
+    parser.add_argument("--providers", nargs="+", default=None,
+                        help="eager, compile, alphanet-eager, fused-cpu, fused-cuda, fused-triton, 'liger-kl (alpha 1,1)'")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per provider and case (median)")
+    parser.add_argument("--budget", type=float, default=8.0,
+                        help="seconds of timed calls per provider and case; slow providers get fewer (>= 3)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", default=None, help="results folder (default: results/<device>-<time>)")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible")
+    if args.repeats < 3:
+        parser.error("--repeats must be at least 3")
+    return args
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def machine_description(device: str) -> str:
+    if device == "cuda":
+        where = torch.cuda.get_device_name()
+    else:
+        where = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{where}; torch {torch.__version__}; commit {_commit()}"
+
+
+def peak_bytes(case: Case, provider: str, step) -> Optional[int]:
+    if case.device == "cuda":
+        return memory.cuda_peak_bytes(step)
+    return memory.cpu_peak_bytes(provider, case.rows, case.cols, str(case.dtype).removeprefix("torch."), case.mode)
+
+
+def run_case(case: Case, providers: Dict, args, copy_gbs: float) -> List[report.Row]:
+    student, teacher = case.make_inputs()
+    steps = {name: make_step(fn, student, teacher, case.mode) for name, fn in providers.items()}
+    timings = time_in_rounds(steps, case.device, args.repeats, args.budget)
+    medians = {name: timing.median for name, timing in timings.items()}
+    element = case.dtype.itemsize
+    ideal = case.rows * case.cols * element * (3 if case.mode == "fwd+bwd" else 2)
+    rows = []
+    for name, timing in timings.items():
+        peak = None
+        if not args.no_memory and case.mode == "fwd+bwd":
+            peak = peak_bytes(case, name, steps[name])
+        gbs = case.bytes_moved() / (timing.median * 1e-3) / 1e9
+        rows.append(report.Row(
+            shape=case.name, dtype=str(case.dtype).removeprefix("torch."), mode=case.mode, provider=name,
+            median_ms=timing.median, min_ms=min(timing.times_ms), p20_ms=timing.percentile(0.2),
+            p80_ms=timing.percentile(0.8), max_ms=max(timing.times_ms), runs=len(timing.times_ms),
+            speedup_vs_eager=medians["eager"] / timing.median if "eager" in medians else None,
+            speedup_vs_compile=medians["compile"] / timing.median if "compile" in medians else None,
+            gbs=gbs, fraction_of_copy_bw=gbs / copy_gbs,
+            peak_mb=None if peak is None else peak / 2**20,
+            peak_vs_ideal=None if peak is None else peak / ideal,
+        ))
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> List[report.Row]:
+    args = parse_args(argv)
+    dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[args.device])
+    shapes = [parse_shape(text) for text in (args.shapes or DEFAULT_SHAPES[args.device])]
+    providers = select_providers(args.providers, args.device)
+    machine = machine_description(args.device)
+    copy_gbs = copy_bandwidth_gbs(args.device)
+    print(f"{machine}\ncopy bandwidth {copy_gbs:.1f} GB/s; providers: {', '.join(providers)}")
+    rows: List[report.Row] = []
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    cases = [Case(r, c, dtype, args.device, mode) for (r, c) in shapes for mode in args.modes]
+    progress = tqdm(cases, desc="cases", unit="case") if tqdm else cases
+    for case in progress:
+        rows += run_case(case, providers, args, copy_gbs)
+    report.print_table(rows)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or os.path.join("results", f"{args.device}-{stamp}")
+    title = f"fused_adaptive_kd, {str(dtype).removeprefix('torch.')}: {machine}; copy {copy_gbs:.1f} GB/s"
+    for path in report.write_outputs(rows, out_dir, title):
+        print(f"wrote {path}")
+    return rows
