@@ -1,0 +1,228 @@
+"""The elastic supernet (AlphaNet / AttentiveNAS) and its static subnets.
+
+Layout, as in AttentiveNAS with the MobileNetV3 head: stem conv 3x3 (BN, swish); seven stages of
+MBConv blocks (1x1 expand unless the stage's ratio is 1, depthwise kxk, optional SE, 1x1 project;
+every block residual: identity, or avg-pool and/or a 1x1 projection when the shape changes; the
+last BN's gamma starts at zero); then 1x1 to 6x the width (BN, swish), global pool, 1x1 to the last
+width (swish, no BN), dropout and the classifier. The input is resized (bicubic) to the config's
+resolution inside the model.
+"""
+from __future__ import annotations
+
+import copy
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite,
+                  expanded_width, se_width)
+from .space import ArchConfig, SearchSpace
+
+HEAD_EXPANSION = 6
+
+
+def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    if x.shape[-2:] == (resolution, resolution):
+        return x
+    return F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False)
+
+
+def drop_connect(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Drop whole residual branches per sample (stochastic depth) during training."""
+    if not training or rate <= 0:
+        return x
+    keep = torch.rand(x.size(0), 1, 1, 1, device=x.device, dtype=x.dtype) >= rate
+    return x * keep / (1 - rate)
+
+
+class ElasticMBConv(nn.Module):
+    def __init__(self, max_in: int, max_out: int, max_kernel: int, max_expand: int, stride: int, use_se: bool):
+        super().__init__()
+        max_mid = expanded_width(max_in, max_expand)
+        self.stride = stride
+        self.has_expand = max_expand > 1
+        if self.has_expand:
+            self.expand_conv = ElasticConv2d(max_in, max_mid)
+            self.expand_bn = ElasticBatchNorm2d(max_mid)
+        self.depthwise = ElasticDepthwiseConv2d(max_mid, max_kernel, stride)
+        self.depthwise_bn = ElasticBatchNorm2d(max_mid)
+        self.se = ElasticSqueezeExcite(max_mid) if use_se else None
+        self.project = ElasticConv2d(max_mid, max_out)
+        self.project_bn = ElasticBatchNorm2d(max_out)
+        nn.init.zeros_(self.project_bn.weight)  # each block starts as its shortcut
+        # Every block owns a projection (as in AttentiveNAS); it runs only when the active widths differ.
+        self.shortcut = ElasticConv2d(max_in, max_out)
+
+    def forward(self, x: torch.Tensor, out_channels: int, kernel_size: int, expand_ratio: int,
+                drop_rate: float = 0.0) -> torch.Tensor:
+        in_channels = x.size(1)
+        h = x
+        if self.has_expand:
+            h = F.silu(self.expand_bn(self.expand_conv(h, expanded_width(in_channels, expand_ratio))))
+        h = F.silu(self.depthwise_bn(self.depthwise(h, kernel_size)))
+        if self.se is not None:
+            h = self.se(h)
+        h = self.project_bn(self.project(h, out_channels))
+        return self.shortcut_of(x, out_channels) + drop_connect(h, drop_rate, self.training)
+
+    def shortcut_of(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
+        if x.size(1) != out_channels:
+            x = self.shortcut(x, out_channels)
+        return x
+
+
+class ElasticSupernet(nn.Module):
+    def __init__(self, space: SearchSpace, dropout: float = 0.0, drop_connect: float = 0.0):
+        super().__init__()
+        self.space = space
+        self.dropout, self.drop_connect = dropout, drop_connect
+        width = max(space.first_conv_widths)
+        self.stem = ElasticConv2d(space.in_channels, width, 3, space.first_conv_stride)
+        self.stem_bn = ElasticBatchNorm2d(width)
+        self.stages = nn.ModuleList()
+        for stage in space.stages:
+            blocks = nn.ModuleList()
+            for index in range(max(stage.depths)):
+                blocks.append(ElasticMBConv(width, max(stage.widths), max(stage.kernel_sizes), max(stage.expand_ratios),
+                                            stage.stride if index == 0 else 1, stage.use_se))
+                width = max(stage.widths)
+            self.stages.append(blocks)
+        self.head_expand = ElasticConv2d(width, HEAD_EXPANSION * width)
+        self.head_expand_bn = ElasticBatchNorm2d(HEAD_EXPANSION * width)
+        self.head_mix = ElasticConv2d(HEAD_EXPANSION * width, max(space.last_conv_widths))
+        self.classifier = ElasticLinear(max(space.last_conv_widths), space.num_classes)
+        self.active: ArchConfig = space.max_config()
+
+    def set_active(self, config: ArchConfig) -> None:
+        self.active = self.space.validate(config)
+
+    def forward(self, x: torch.Tensor, config: Optional[ArchConfig] = None) -> torch.Tensor:
+        if config is not None:
+            self.set_active(config)
+        cfg = self.active
+        widths = cfg["width"]
+        x = resize(x, cfg["resolution"])
+        x = F.silu(self.stem_bn(self.stem(x, widths[0])))
+        total_blocks = sum(cfg["depth"])
+        done = 0
+        for stage_index, blocks in enumerate(self.stages):
+            for block in blocks[: cfg["depth"][stage_index]]:
+                rate = self.drop_connect * done / total_blocks
+                x = block(x, widths[stage_index + 1], cfg["kernel_size"][stage_index],
+                          cfg["expand_ratio"][stage_index], rate)
+                done += 1
+        x = F.silu(self.head_expand_bn(self.head_expand(x, HEAD_EXPANSION * x.size(1))))
+        x = F.adaptive_avg_pool2d(x, 1)
+        x = F.silu(self.head_mix(x, widths[-1])).flatten(1)
+        x = F.dropout(x, self.dropout, self.training)
+        return self.classifier(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static subnets: plain conv / BN / linear layers holding copies of the active slices.
+
+def _conv(weight: torch.Tensor, bias: Optional[torch.Tensor], stride: int, groups: int = 1) -> nn.Conv2d:
+    out_channels, in_per_group, kernel, _ = weight.shape
+    conv = nn.Conv2d(in_per_group * groups, out_channels, kernel, stride, kernel // 2, groups=groups,
+                     bias=bias is not None)
+    conv.weight.data.copy_(weight)
+    if bias is not None:
+        conv.bias.data.copy_(bias)
+    return conv
+
+
+def _bn(elastic: ElasticBatchNorm2d, channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels, eps=elastic.eps, momentum=elastic.momentum)
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        getattr(bn, name).data.copy_(getattr(elastic, name)[:channels])
+    bn.num_batches_tracked.copy_(elastic.num_batches_tracked)
+    return bn
+
+
+class StaticSqueezeExcite(nn.Module):
+    def __init__(self, reduce: nn.Conv2d, expand: nn.Conv2d):
+        super().__init__()
+        self.reduce, self.expand = reduce, expand
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = F.relu(self.reduce(F.adaptive_avg_pool2d(x, 1)))
+        return x * F.hardsigmoid(self.expand(gate))
+
+
+class StaticMBConv(nn.Module):
+    def __init__(self, expand: Optional[nn.Sequential], depthwise: nn.Sequential, se: Optional[nn.Module],
+                 project: nn.Sequential, pool_stride: int, shortcut: Optional[nn.Conv2d]):
+        super().__init__()
+        self.expand = expand if expand is not None else nn.Identity()
+        self.depthwise, self.project = depthwise, project
+        self.se = se if se is not None else nn.Identity()
+        self.pool = nn.AvgPool2d(pool_stride, ceil_mode=True) if pool_stride > 1 else nn.Identity()
+        self.shortcut = shortcut if shortcut is not None else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.project(self.se(self.depthwise(self.expand(x))))
+        return self.shortcut(self.pool(x)) + h
+
+
+class StaticSubnet(nn.Module):
+    def __init__(self, resolution: int, stem: nn.Sequential, blocks: nn.Sequential, head: nn.Sequential,
+                 classifier: nn.Linear, dropout: float):
+        super().__init__()
+        self.resolution = resolution
+        self.stem, self.blocks, self.head, self.classifier = stem, blocks, head, classifier
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.size(-1) != self.resolution or x.size(-2) != self.resolution:
+            x = F.interpolate(x, size=[self.resolution, self.resolution], mode="bicubic", align_corners=False)
+        x = self.head(self.blocks(self.stem(x)))
+        return self.classifier(self.dropout(torch.flatten(x, 1)))
+
+
+@torch.no_grad()
+def extract(supernet: ElasticSupernet, config: ArchConfig) -> StaticSubnet:
+    """The subnet of `config` as plain layers with copied weights and BN statistics."""
+    space = supernet.space
+    cfg = space.validate(copy.deepcopy(config))
+    widths = cfg["width"]
+    stem = nn.Sequential(_conv(supernet.stem.weight[: widths[0]], None, space.first_conv_stride),
+                         _bn(supernet.stem_bn, widths[0]), nn.SiLU())
+    blocks: List[nn.Module] = []
+    in_channels = widths[0]
+    for stage_index, stage_blocks in enumerate(supernet.stages):
+        out_channels = widths[stage_index + 1]
+        kernel, ratio = cfg["kernel_size"][stage_index], cfg["expand_ratio"][stage_index]
+        for block in stage_blocks[: cfg["depth"][stage_index]]:
+            mid = expanded_width(in_channels, ratio) if block.has_expand else in_channels
+            expand = None
+            if block.has_expand:
+                expand = nn.Sequential(_conv(block.expand_conv.weight[:mid, :in_channels], None, 1),
+                                       _bn(block.expand_bn, mid), nn.SiLU())
+            depthwise = nn.Sequential(_conv(block.depthwise.active_weight(mid, kernel), None, block.stride, groups=mid),
+                                      _bn(block.depthwise_bn, mid), nn.SiLU())
+            se = None
+            if block.se is not None:
+                squeeze = se_width(mid)
+                se = StaticSqueezeExcite(
+                    _conv(block.se.reduce.weight[:squeeze, :mid], block.se.reduce.bias[:squeeze], 1),
+                    _conv(block.se.expand.weight[:mid, :squeeze], block.se.expand.bias[:mid], 1))
+            project = nn.Sequential(_conv(block.project.weight[:out_channels, :mid], None, 1),
+                                    _bn(block.project_bn, out_channels))
+            shortcut = None
+            if in_channels != out_channels:
+                shortcut = _conv(block.shortcut.weight[:out_channels, :in_channels], None, 1)
+            blocks.append(StaticMBConv(expand, depthwise, se, project, block.stride, shortcut))
+            in_channels = out_channels
+    head_width = HEAD_EXPANSION * in_channels
+    head = nn.Sequential(_conv(supernet.head_expand.weight[:head_width, :in_channels], None, 1),
+                         _bn(supernet.head_expand_bn, head_width), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                         _conv(supernet.head_mix.weight[: widths[-1], :head_width], None, 1), nn.SiLU())
+    classifier = nn.Linear(widths[-1], space.num_classes)
+    classifier.weight.copy_(supernet.classifier.weight[:, : widths[-1]])
+    classifier.bias.copy_(supernet.classifier.bias)
+    subnet = StaticSubnet(cfg["resolution"], stem, nn.Sequential(*blocks), head, classifier, supernet.dropout)
+    return subnet.train(supernet.training)
