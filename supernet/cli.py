@@ -37,8 +37,14 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet supernet tools")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:  # its own parser: it takes any config key as --key value
+        from .train import main as train_main
+        return train_main(argv[1:])
+    parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet supernet tools. "
+                                     "Commands: train (see `alphanet train --help`), flops.")
     commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("train", help="train a supernet (alphanet train --help)")
     flops = commands.add_parser("flops", help="MFLOPs and parameters of an arch config")
     flops.add_argument("--arch", required=True, help="JSON arch config, or min / max")
     flops.add_argument("--space", default="alphanet", choices=sorted(SPACES))

@@ -118,7 +118,8 @@ class ElasticSupernet(nn.Module):
         x = F.silu(self.head_expand_bn(self.head_expand(x, HEAD_EXPANSION * x.size(1))))
         x = F.adaptive_avg_pool2d(x, 1)
         x = F.silu(self.head_mix(x, widths[-1])).flatten(1)
-        x = F.dropout(x, self.dropout, self.training)
+        if self.training and self.dropout > 0:
+            x = F.dropout(x, self.dropout)
         return self.classifier(x)
 
 

@@ -7,6 +7,7 @@ Width, kernel and expand ratio are shared by the blocks of a stage; a stage runs
 """
 from __future__ import annotations
 
+import dataclasses
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
@@ -152,7 +153,10 @@ TINY = SearchSpace(
     first_conv_stride=1,
 )
 
-SPACES = {space.name: space for space in (ALPHANET, TINY)}
+# The tiny space at the scale of 8x8 digit images (upsampled in the model to 12 or 16 pixels).
+DIGITS = dataclasses.replace(TINY, name="digits", resolutions=(12, 16))
+
+SPACES = {space.name: space for space in (ALPHANET, TINY, DIGITS)}
 
 
 def get_space(name: str) -> SearchSpace:

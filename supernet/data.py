@@ -1,0 +1,89 @@
+"""Datasets: scikit-learn's bundled digits (no download), CIFAR-10 and ImageFolder from local folders.
+
+Each returns train / val / test splits. Digits uses a fixed 70/10/20 split; CIFAR-10 holds out
+5000 training images as its validation split and tests on its test batch; an ImageFolder root has
+train/ and val/ (and test/, else val doubles as test).
+"""
+from __future__ import annotations
+
+import os
+from typing import Dict
+
+import torch
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+SPLIT_SEED = 1234  # the splits never depend on the training seed
+NUM_CLASSES = {"digits": 10, "cifar10": 10}
+
+
+def digits_splits() -> Dict[str, Dataset]:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = torch.tensor(bunch.images, dtype=torch.float32) / 16.0  # [N, 8, 8] in [0, 1]
+    images = ((images - 0.5) / 0.5).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # 3 channels
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    n_test, n_val = len(order) // 5, len(order) // 10
+    parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
+    return {name: TensorDataset(images[index], labels[index]) for name, index in parts.items()}
+
+
+def _require_folder(path: str, what: str) -> None:
+    if not path or not os.path.isdir(path):
+        raise FileNotFoundError(f"{what}: folder {path!r} does not exist")
+
+
+def cifar10_splits(root: str, image_size: int) -> Dict[str, Dataset]:
+    from torchvision import datasets, transforms
+
+    _require_folder(root, "CIFAR-10")
+    if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
+        raise FileNotFoundError(f"CIFAR-10: {root!r} has no cifar-10-batches-py/ folder (the standard python "
+                                "format, as extracted from cifar-10-python.tar.gz)")
+    normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+    augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
+                                  transforms.Resize(image_size), transforms.ToTensor(), normalize])
+    plain = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(), normalize])
+    try:
+        train_aug = datasets.CIFAR10(root, train=True, transform=augment, download=False)
+        train_plain = datasets.CIFAR10(root, train=True, transform=plain, download=False)
+        test = datasets.CIFAR10(root, train=False, transform=plain, download=False)
+    except RuntimeError as error:  # corrupt or incomplete batches
+        raise FileNotFoundError(f"CIFAR-10 at {root!r} is malformed: {error}") from None
+    order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
+    return {"train": Subset(train_aug, order[5000:]), "val": Subset(train_plain, order[:5000]), "test": test}
+
+
+def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
+    from torchvision import datasets, transforms
+
+    _require_folder(root, "ImageFolder")
+    for split in ("train", "val"):
+        _require_folder(os.path.join(root, split), f"ImageFolder needs {split}/ under {root!r}")
+    normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    augment = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
+                                  transforms.ToTensor(), normalize])
+    plain = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
+                                transforms.ToTensor(), normalize])
+    splits = {"train": datasets.ImageFolder(os.path.join(root, "train"), augment),
+              "val": datasets.ImageFolder(os.path.join(root, "val"), plain)}
+    test_root = os.path.join(root, "test")
+    splits["test"] = datasets.ImageFolder(test_root, plain) if os.path.isdir(test_root) else splits["val"]
+    return splits
+
+
+def load_splits(dataset: str, data_path: str = "", image_size: int = 32) -> Dict[str, Dataset]:
+    if dataset == "digits":
+        return digits_splits()
+    if dataset == "cifar10":
+        return cifar10_splits(data_path, image_size)
+    if dataset == "imagefolder":
+        return imagefolder_splits(data_path, image_size)
+    raise ValueError(f"unknown dataset {dataset!r}: choose digits, cifar10 or imagefolder")
+
+
+def num_classes(dataset: str, splits: Dict[str, Dataset]) -> int:
+    if dataset in NUM_CLASSES:
+        return NUM_CLASSES[dataset]
+    return len(splits["train"].classes)

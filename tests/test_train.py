@@ -1,0 +1,199 @@
+"""The supernet trainer: config, exact resume, kill-and-resume, distributed gradients, non-finite losses."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import alphadiv_kernels as ak
+from supernet import checkpoint as ckpt
+from supernet import train
+from supernet.config import parse_overrides, resolve_config
+
+pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = {"epochs": "2", "batch_size": "128", "num_random_subnets": "1", "calib_batches": "2"}
+
+
+def small_config(tmp_path, name, **extra):
+    return resolve_config("digits", overrides={**SMALL, "out": str(tmp_path / name), **extra})
+
+
+def step_losses(run_dir):
+    with open(os.path.join(run_dir, "steps.jsonl")) as handle:
+        return [json.loads(line) for line in handle]
+
+
+# -- configuration ----------------------------------------------------------------------------
+
+def test_config_layers_preset_yaml_and_overrides(tmp_path):
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("epochs: 7\nkd: kl\nchannels_last: true\n")
+    config = resolve_config("digits", str(yaml_file), parse_overrides(["--epochs", "3", "--lr_per_256=0.2"]))
+    assert (config.epochs, config.kd, config.channels_last, config.lr_per_256) == (3, "kl", True, 0.2)
+    imagenet = resolve_config("imagenet", overrides={"data_path": "/data/imagenet"})
+    assert (imagenet.space, imagenet.epochs, imagenet.warmup_epochs, imagenet.calib_batches) == ("alphanet", 360, 5, 64)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"epoch": "3"}, "unknown config key 'epoch'"),
+    ({"epochs": "three"}, "'epochs' expects int"),
+    ({"channels_last": "maybe"}, "'channels_last' expects true/false"),
+    ({"kd": "js"}, "'kd' must be one of"),
+    ({"dataset": "cifar10"}, "needs --data_path"),
+])
+def test_bad_config_keys_and_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_config("digits", overrides=overrides)
+
+
+def test_missing_dataset_folder_is_a_clear_error(tmp_path):
+    config = resolve_config("digits", overrides={"dataset": "cifar10", "data_path": str(tmp_path / "nowhere"),
+                                                 "out": str(tmp_path / "run")})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train.run_training(config)
+
+
+# -- checkpoints and resume -------------------------------------------------------------------
+
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_path):
+    straight = small_config(tmp_path, "straight")
+    train.run_training(straight)
+    interrupted = small_config(tmp_path, "interrupted")
+    assert train.run_training(interrupted, stop_at_step=5)["stopped"]
+    train.run_training(ckpt.config_for_resume(interrupted.out), resume=interrupted.out)
+    expected, resumed = step_losses(straight.out), step_losses(interrupted.out)
+    assert [r["step"] for r in resumed] == list(range(1, len(expected) + 1))
+    assert resumed == expected  # ce, kd and lr of every step, exactly
+
+
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
+    out = tmp_path / "killed"
+    command = [sys.executable, "-m", "supernet.train", "--epochs", "3", "--batch_size", "128",
+               "--num_random_subnets", "1", "--calib_batches", "2", "--checkpoint_every", "2", "--out", str(out)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = ckpt.load(str(out))["step"]  # whole, whichever moment the kill came
+    assert killed_at >= 2
+    done = subprocess.run([sys.executable, "-m", "supernet.train", "--resume", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "max subnet test top-1:" in done.stdout and "min subnet test top-1:" in done.stdout
+    assert ckpt.load(str(out))["step"] == 3 * 9
+    assert (out / "curves.png").exists() and (out / "config.yaml").exists()
+
+
+def test_non_finite_losses_skip_steps_then_stop_keeping_a_good_checkpoint(tmp_path, monkeypatch):
+    config = small_config(tmp_path, "nan", checkpoint_every="2", max_nonfinite_steps="3")
+    original = train.sandwich_backward
+    calls = {"n": 0}
+
+    def poisoned(model, *args, **kwargs):
+        losses = original(model, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 3:
+            for param in model.parameters():
+                if param.grad is not None:
+                    param.grad.fill_(float("nan"))
+            losses = {key: value * float("nan") for key, value in losses.items()}
+        return losses
+
+    monkeypatch.setattr(train, "sandwich_backward", poisoned)
+    with pytest.raises(train.NonFiniteLossError, match="3 steps in a row"):
+        train.run_training(config)
+    state = ckpt.load(config.out)
+    assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _distributed_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        config = resolve_config("digits", overrides={"num_random_subnets": "2"})
+        from supernet.data import digits_splits
+        from supernet.model import ElasticSupernet
+        from supernet.space import DIGITS
+
+        images, labels = digits_splits()["train"].tensors
+        shard = slice(rank * 32, (rank + 1) * 32)  # each rank its own data
+        torch.manual_seed(0)
+        model = ElasticSupernet(DIGITS)
+        params = list(model.parameters())
+        subnets = train.sample_subnets(DIGITS, config.seed, step=11, count=2)
+        runtime = train.Runtime(rank, world, torch.device("cpu"))
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        train.seed_step(config.seed, rank, 11)
+        train.sandwich_backward(model, images[shard], labels[shard], subnets, config,
+                                __import__("contextlib").nullcontext, scaler)
+        local = torch._utils._flatten_dense_tensors(
+            [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]).clone()
+        calls = {"all_reduce": 0}
+        real_all_reduce = dist.all_reduce
+
+        def counting_all_reduce(*args, **kwargs):
+            calls["all_reduce"] += 1
+            return real_all_reduce(*args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        try:
+            reduced = train.all_reduce_gradients(params, runtime).clone()
+        finally:
+            dist.all_reduce = real_all_reduce
+        gathered_subnets = [None] * world
+        dist.all_gather_object(gathered_subnets, subnets)
+        locals_ = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(locals_, local)
+        results[rank] = {"subnets_equal": all(s == subnets for s in gathered_subnets),
+                         "reduced": reduced, "mean_of_locals": torch.stack(locals_).mean(0),
+                         "all_reduce_calls": calls["all_reduce"]}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_sample_the_same_subnets_and_average_gradients_in_one_all_reduce():
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_distributed_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    first, second = results[0], results[1]
+    assert first["subnets_equal"] and second["subnets_equal"]
+    assert first["all_reduce_calls"] == 1 and second["all_reduce_calls"] == 1
+    assert torch.equal(first["reduced"], second["reduced"])
+    torch.testing.assert_close(first["reduced"], first["mean_of_locals"], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(results[0]["mean_of_locals"], torch.zeros_like(results[0]["mean_of_locals"]))
+
+
+def test_torchrun_two_processes_end_to_end(tmp_path):
+    out = tmp_path / "ddp"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "supernet.train", "--epochs", "1", "--batch_size", "64", "--num_random_subnets", "1",
+               "--calib_batches", "2", "--out", str(out)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "2 process(es)" in done.stdout
+    assert "max subnet test top-1:" in done.stdout
+    assert ckpt.load(str(out))["step"] == 1257 // 2 // 64
