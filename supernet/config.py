@@ -91,19 +91,26 @@ def _apply(config: TrainConfig, values: Dict[str, object], source: str) -> Train
 
 
 def parse_overrides(tokens: List[str]) -> Dict[str, str]:
-    """['--epochs', '5', '--kd=kl'] -> {'epochs': '5', 'kd': 'kl'}."""
+    """['--epochs', '5', '--kd=kl', '--channels-last'] -> {'epochs': '5', 'kd': 'kl', 'channels_last': 'true'}.
+
+    Dashes in keys read as underscores; a boolean key given alone means true."""
     values: Dict[str, str] = {}
+    types = _field_types()
     index = 0
     while index < len(tokens):
         token = tokens[index]
         if not token.startswith("--"):
             raise ValueError(f"expected --key value, got {token!r}")
-        key = token[2:].replace("-", "_")
+        key = token[2:]
         if "=" in key:
             key, value = key.split("=", 1)
+            key = key.replace("-", "_")
         elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
+            key = key.replace("-", "_")
             index += 1
             value = tokens[index]
+        elif types.get(key.replace("-", "_")) is bool:
+            key, value = key.replace("-", "_"), "true"
         else:
             raise ValueError(f"config key {key!r} needs a value")
         values[key] = value

@@ -39,8 +39,10 @@ def step_losses(run_dir):
 def test_config_layers_preset_yaml_and_overrides(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epochs: 7\nkd: kl\nchannels_last: true\n")
-    config = resolve_config("digits", str(yaml_file), parse_overrides(["--epochs", "3", "--lr_per_256=0.2"]))
+    config = resolve_config("digits", str(yaml_file), parse_overrides(["--epochs", "3", "--lr-per-256=0.2"]))
     assert (config.epochs, config.kd, config.channels_last, config.lr_per_256) == (3, "kl", True, 0.2)
+    flags = parse_overrides(["--channels-last", "--amp", "bf16"])
+    assert flags == {"channels_last": "true", "amp": "bf16"}
     imagenet = resolve_config("imagenet", overrides={"data_path": "/data/imagenet"})
     assert (imagenet.space, imagenet.epochs, imagenet.warmup_epochs, imagenet.calib_batches) == ("alphanet", 360, 5, 64)
 
