@@ -11,6 +11,9 @@ from .flops import flops_and_params
 from .space import SPACES, ArchConfig, SearchSpace, get_space
 
 
+SUBCOMMANDS = {"train": "train", "eval": "evaluate", "search": "search", "export": "export"}
+
+
 def load_arch(text: str, space: SearchSpace) -> ArchConfig:
     """`min`, `max`, or the path of a JSON arch config."""
     if text in ("min", "max"):
@@ -38,13 +41,15 @@ def cmd_flops(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["train"]:  # its own parser: it takes any config key as --key value
-        from .train import main as train_main
-        return train_main(argv[1:])
-    parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet supernet tools. "
-                                     "Commands: train (see `alphanet train --help`), flops.")
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # each has its own parser (train takes any config key)
+        module = __import__(f"supernet.{SUBCOMMANDS[argv[0]]}", fromlist=["main"])
+        return module.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet supernet tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("train", help="train a supernet (alphanet train --help)")
+    for name, help_text in (("train", "train a supernet"), ("eval", "calibrated evaluation of subnets"),
+                            ("search", "evolutionary search for the Pareto front"),
+                            ("export", "a subnet as a standalone model")):
+        commands.add_parser(name, help=f"{help_text} (alphanet {name} --help)")
     flops = commands.add_parser("flops", help="MFLOPs and parameters of an arch config")
     flops.add_argument("--arch", required=True, help="JSON arch config, or min / max")
     flops.add_argument("--space", default="alphanet", choices=sorted(SPACES))

@@ -32,6 +32,7 @@ from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
 from .config import TrainConfig, parse_overrides, resolve_config, save_yaml, to_dict
 from .data import load_splits, num_classes
+from .evaluate import calibration_loader, classification_metrics
 from .model import ElasticSupernet
 from .space import ArchConfig, SearchSpace, get_space
 from .report import plot_curves, summary_lines
@@ -152,31 +153,21 @@ def make_schedule(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-@torch.no_grad()
-def evaluate(model: ElasticSupernet, loader: DataLoader, subnet: ArchConfig, runtime: Runtime, autocast,
-             channels_last: bool) -> Dict[str, float]:
-    model.eval()
-    correct = total = 0
-    loss = 0.0
-    for images, labels in loader:
-        images, labels = _to_device(images, labels, runtime, channels_last)
-        with autocast():
-            logits = model(images, subnet).float()
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
-        correct += (logits.argmax(-1) == labels).sum().item()
-        total += labels.numel()
-    model.train()
-    return {"top1": 100.0 * correct / total, "loss": loss / total}
-
-
 def calibrated_accuracy(model, calib_loader, eval_loader, subnet, config, runtime, autocast) -> Dict[str, float]:
+    """BN-recalibrate the supernet for one subnet, then evaluate it (the supernet's BN statistics
+    are left as that subnet's; training uses batch statistics)."""
     def calib_batches():
         for images, labels in calib_loader:
             yield _to_device(images, labels, runtime, config.channels_last)[0]
 
     with autocast():
         recalibrate_bn(model, calib_batches(), config.calib_batches, forward=lambda x: model(x, subnet))
-    return evaluate(model, eval_loader, subnet, runtime, autocast, config.channels_last)
+    model.eval()
+    try:
+        return classification_metrics(lambda x: model(x, subnet), eval_loader, runtime.device, autocast,
+                                      config.channels_last)
+    finally:
+        model.train()
 
 
 def _to_device(images, labels, runtime: Runtime, channels_last: bool):
@@ -243,9 +234,7 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
         ckpt.restore_rng(state["rng"])
         step, history = state["step"], state["history"]
 
-    calib_order = torch.randperm(len(splits["train"]), generator=torch.Generator().manual_seed(config.seed)).tolist()
-    calib_loader = DataLoader(Subset(splits["train"], calib_order), batch_size=config.batch_size,
-                              num_workers=config.workers)
+    calib_loader = calibration_loader(splits["train"], config.batch_size, config.seed, config.workers)
     eval_loaders = {name: DataLoader(splits[name], batch_size=config.eval_batch_size, num_workers=config.workers)
                     for name in ("val", "test")}
     total_steps = config.epochs * steps_per_epoch

@@ -1,0 +1,131 @@
+"""Calibrated evaluation of subnets of a trained supernet, and `alphanet eval`.
+
+A subnet is extracted from the checkpoint's supernet as a static module, its BN statistics are
+re-estimated on `calib_batches` training batches (always the same ones, in a fixed order), and it
+is evaluated on a split: top-1, top-5 and loss, with its MFLOPs and parameters.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import random
+from typing import Callable, Dict, Iterator, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from . import checkpoint as ckpt
+from .calibration import recalibrate_bn
+from .config import TrainConfig
+from .data import load_splits, num_classes
+from .flops import flops_and_params
+from .model import ElasticSupernet, StaticSubnet, extract
+from .space import ArchConfig, SearchSpace, get_space
+
+
+@torch.no_grad()
+def classification_metrics(forward: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
+                           device: torch.device, autocast=contextlib.nullcontext,
+                           channels_last: bool = False) -> Dict[str, float]:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of `forward` over the loader."""
+    top1 = top5 = total = 0
+    loss = 0.0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast():
+            logits = forward(images).float()
+        loss += F.cross_entropy(logits, labels, reduction="sum").item()
+        best = logits.topk(min(5, logits.size(-1)), dim=-1).indices
+        top1 += (best[:, 0] == labels).sum().item()
+        top5 += (best == labels[:, None]).any(-1).sum().item()
+        total += labels.numel()
+    return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss / total}
+
+
+def calibration_loader(train_split: Dataset, batch_size: int, seed: int, workers: int = 0) -> DataLoader:
+    """Training images in one fixed shuffled order: every calibration sees the same batches."""
+    order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed)).tolist()
+    return DataLoader(Subset(train_split, order), batch_size=batch_size, num_workers=workers)
+
+
+@dataclasses.dataclass
+class TrainedSupernet:
+    model: ElasticSupernet
+    space: SearchSpace
+    config: TrainConfig
+    splits: Dict[str, Dataset]
+
+    @classmethod
+    def load(cls, checkpoint: str) -> "TrainedSupernet":
+        config = ckpt.config_for_resume(checkpoint)
+        splits = load_splits(config.dataset, config.data_path, config.image_size)
+        space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
+        model = ElasticSupernet(space)
+        model.load_state_dict(ckpt.load(checkpoint)["model"])
+        return cls(model.eval(), space, config, splits)
+
+    def loader(self, split: str) -> DataLoader:
+        if split not in self.splits:
+            raise ValueError(f"unknown split {split!r}: choose from {', '.join(self.splits)}")
+        return DataLoader(self.splits[split], batch_size=self.config.eval_batch_size, num_workers=self.config.workers)
+
+    def calibrated_subnet(self, arch: ArchConfig, calib_batches: Optional[int] = None) -> StaticSubnet:
+        subnet = extract(self.model, arch)
+        batches = calibration_loader(self.splits["train"], self.config.batch_size, self.config.seed,
+                                     self.config.workers)
+        recalibrate_bn(subnet, (images for images, _ in batches), calib_batches or self.config.calib_batches)
+        return subnet.eval()
+
+    def evaluate(self, arch: ArchConfig, split: str = "val", calib_batches: Optional[int] = None) -> Dict[str, object]:
+        subnet = self.calibrated_subnet(arch, calib_batches)
+        metrics = classification_metrics(subnet, self.loader(split), torch.device("cpu"))
+        flops, params = flops_and_params(self.space, arch)
+        return {"arch": arch, "split": split, "mflops": flops / 1e6, "params": params, **metrics}
+
+
+def parse_archs(text: str, space: SearchSpace, seed: int = 0) -> List[ArchConfig]:
+    """min, max, random:N (seeded), or the path of a JSON arch config (or a list of them)."""
+    from .cli import load_arch
+
+    if text.startswith("random:"):
+        try:
+            count = int(text.split(":", 1)[1])
+        except ValueError:
+            raise SystemExit(f"--arch {text!r}: write random:N with N a whole number") from None
+        rng = random.Random(seed)
+        return [space.random_config(rng) for _ in range(count)]
+    return [load_arch(text, space)]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="alphanet eval", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
+    parser.add_argument("--arch", default="max", help="JSON arch config, min, max or random:N")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--calib-batches", type=int, default=None, help="BN calibration batches (default: the run's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of random:N")
+    parser.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
+    args = parser.parse_args(argv)
+    try:
+        trained = TrainedSupernet.load(args.checkpoint)
+        results = [trained.evaluate(arch, args.split, args.calib_batches) for arch in
+                   parse_archs(args.arch, trained.space, args.seed)]
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"alphanet eval: {error}") from None
+    for result in results:
+        print(f"{result['split']} top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
+              f"{result['mflops']:.2f} MFLOPs  {result['params'] / 1e6:.3f} M params  arch {json.dumps(result['arch'])}")
+    if args.out:
+        with open(args.out, "w") as handle:
+            json.dump(results if len(results) > 1 else results[0], handle, indent=2)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
