@@ -18,7 +18,7 @@ from typing import List, Optional
 
 import torch
 
-from . import _extension
+from . import _extension, triton_adaptive_kd
 from ._validation import BACKENDS, validate_kd_arguments
 from .reference import adaptive_kd_reference
 
@@ -32,6 +32,10 @@ def available_backends() -> List[str]:
     backends = []
     if _extension.HAS_CPU_EXTENSION:
         backends.append("cpu")
+    if triton_adaptive_kd.available(torch.device("cuda")) and torch.cuda.is_available():
+        backends.append("triton")
+    elif triton_adaptive_kd.available(torch.device("cpu")):
+        backends.append("triton")  # under TRITON_INTERPRET=1, on CPU tensors
     backends.append("reference")
     return backends
 
@@ -52,8 +56,11 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 f"({_extension.missing_reason('alphadiv_kernels._C')}); using the eager reference",
                 stacklevel=3,
             )
+        if device.type == "cuda" and triton_adaptive_kd.available(device):
+            return "triton"
         if device.type != "cpu":
-            raise RuntimeError(f"fused_adaptive_kd has no kernel for {device.type} tensors in this build")
+            raise RuntimeError(f"fused_adaptive_kd has no kernel for {device.type} tensors in this build "
+                               "(the Triton backend needs the triton package)")
         return "reference"
     if backend == "cpu":
         if not _extension.HAS_CPU_EXTENSION:
@@ -64,8 +71,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
             )
         if device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {device.type} tensors")
-    if backend in ("cuda", "triton"):
-        raise RuntimeError(f"backend={backend!r} is not built into this installation")
+    if backend == "triton" and not triton_adaptive_kd.available(device):
+        why = ("the triton package is not installed" if triton_adaptive_kd.triton is None else
+               "on CPU tensors it needs Triton's interpreter (TRITON_INTERPRET=1)")
+        raise RuntimeError(f"backend='triton' is unavailable for {device.type} tensors: {why}")
+    if backend == "cuda":
+        raise RuntimeError("backend='cuda' is not built into this installation")
     return backend
 
 
@@ -120,7 +131,8 @@ def fused_adaptive_kd(
             temperature=temperature, reduction=reduction, value=value, mask=mask,
         )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    loss, _ = torch.ops.alphadiv.adaptive_kd(
+    op = torch.ops.alphadiv.adaptive_kd_triton if chosen == "triton" else torch.ops.alphadiv.adaptive_kd
+    loss, _ = op(
         args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max), float(clip),
         float(temperature), args.reduction, args.surrogate, compute_grad,
     )
@@ -128,48 +140,68 @@ def fused_adaptive_kd(
 
 
 # ---------------------------------------------------------------------------------------------
-# torch.library glue: fake implementation and autograd of alphadiv::adaptive_kd.
+# torch.library glue: fake implementation and autograd, shared by alphadiv::adaptive_kd (C++: CPU,
+# and CUDA where built) and alphadiv::adaptive_kd_triton (the Triton kernel, defined in Python).
+
+
+def _adaptive_kd_fake(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate,
+                      compute_grad):
+    value_dtype = torch.promote_types(student.dtype, teacher.dtype)
+    value_shape = (student.shape[0],) if reduction == REDUCTION_NONE else ()
+    loss = student.new_empty(value_shape, dtype=value_dtype)
+    grad = student.new_empty(student.shape if compute_grad else (0,))
+    return loss, grad
+
+
+def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
+    # loss.backward() passes 1: skip a pass over [N, C]. Only where reading it costs no sync.
+    return grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
+
+
+def _is_traced(tensor: torch.Tensor) -> bool:
+    # torch.compile, opcheck and make_fx hand the backward fake or functional tensor subclasses.
+    return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
+
+
+def _setup_context(ctx, inputs, output):
+    _, grad = output
+    ctx.mark_non_differentiable(grad)
+    ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) gradient
+    ctx.save_for_backward(grad)
+    ctx.reduction = inputs[7]
+    ctx.has_grad = inputs[9]
+
+
+def _graph_is_retained() -> bool:
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or keep_graph()
+
+
+def _backward(ctx, grad_loss, _unused):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
+        return (None,) * 10
+    scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
+    if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
+        return (grad * scale,) + (None,) * 9  # functional; a retained graph needs the buffer intact
+    if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
+        return (grad,) + (None,) * 9
+    return (grad.mul_(scale),) + (None,) * 9  # in place: the saved buffer becomes the result
+
+
+def _register(op_name: str) -> None:
+    torch.library.register_fake(op_name)(_adaptive_kd_fake)
+    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+
 
 if _extension.HAS_CPU_EXTENSION:
+    _register("alphadiv::adaptive_kd")
 
-    @torch.library.register_fake("alphadiv::adaptive_kd")
-    def _adaptive_kd_fake(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate,
-                          compute_grad):
-        value_dtype = torch.promote_types(student.dtype, teacher.dtype)
-        value_shape = (student.shape[0],) if reduction == REDUCTION_NONE else ()
-        loss = student.new_empty(value_shape, dtype=value_dtype)
-        grad = student.new_empty(student.shape if compute_grad else (0,))
-        return loss, grad
-
-    def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
-        # loss.backward() passes 1: skip a pass over [N, C]. Only where reading it costs no sync.
-        return grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
-
-    def _is_traced(tensor: torch.Tensor) -> bool:
-        # torch.compile, opcheck and make_fx hand the backward fake or functional tensor subclasses.
-        return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
-
-    def _setup_context(ctx, inputs, output):
-        _, grad = output
-        ctx.mark_non_differentiable(grad)
-        ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) gradient
-        ctx.save_for_backward(grad)
-        ctx.reduction = inputs[7]
-        ctx.has_grad = inputs[9]
-
-    def _graph_is_retained() -> bool:
-        keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-        return keep_graph is None or keep_graph()
-
-    def _backward(ctx, grad_loss, _unused):
-        (grad,) = ctx.saved_tensors
-        if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
-            return (None,) * 10
-        scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
-        if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
-            return (grad * scale,) + (None,) * 9  # functional; a retained graph needs the buffer intact
-        if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
-            return (grad,) + (None,) * 9
-        return (grad.mul_(scale),) + (None,) * 9  # in place: the saved buffer becomes the result
-
-    torch.library.register_autograd("alphadiv::adaptive_kd", _backward, setup_context=_setup_context)
+if triton_adaptive_kd.triton is not None:
+    torch.library.define(
+        "alphadiv::adaptive_kd_triton",
+        "(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, float clip, "
+        "float temperature, int reduction, bool surrogate, bool compute_grad) -> (Tensor, Tensor)")
+    # CPU too: Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors.
+    torch.library.impl("alphadiv::adaptive_kd_triton", ["CUDA", "CPU"])(triton_adaptive_kd.adaptive_kd_triton)
+    _register("alphadiv::adaptive_kd_triton")

@@ -1,0 +1,231 @@
+"""Triton kernel of the adaptive alpha-divergence KD op (`backend="triton"`).
+
+One program per row, looping over blocks of columns (math: csrc/adaptive_kd_math.h), with
+xs = s/T - max, xt = t/T - max:
+  1. the row maxima of s/T and t/T;
+  2. Z_s = sum exp(xs), Z_t = sum exp(xt), and sum exp(xt) (xt - xs), which gives forward KL as
+     sum p log w = (1/Z_t) sum exp(xt)(xt - xs) + log(Z_s / Z_t);
+  3. for each alpha that is not forward KL, its statistic (R = sum q log c, or B = sum q (c - 1));
+  4. the selected branch's gradient, scaled for the reduction and written once in the student's
+     dtype, and the surrogate value when asked for.
+Logits are re-read from memory in each sweep (they stay in L2 for one row at a time). The kernel
+uses only tl.exp / tl.log (no libdevice) so it also runs under TRITON_INTERPRET=1 on CPU tensors,
+which is how it is tested without a GPU.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the op then has no Triton backend
+    triton = None
+
+BRANCH_FORWARD_KL, BRANCH_REVERSE_KL, BRANCH_GENERAL, BRANCH_NEG_ONE = 0, 1, 2, 3
+MAX_BLOCK = 4096
+
+
+def branch_code(alpha: float) -> int:
+    if abs(alpha - 1.0) < 1e-3:
+        return BRANCH_FORWARD_KL
+    if abs(alpha) < 1e-3:
+        return BRANCH_REVERSE_KL
+    return BRANCH_NEG_ONE if alpha == -1.0 else BRANCH_GENERAL
+
+
+def available(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, or CPU tensors under its interpreter (TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _expm1(x):
+        # exp(x) - 1 without the cancellation near 0 (no libdevice expm1 on every target)
+        small = tl.abs(x) < 1e-2
+        series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
+        return tl.where(small, series, tl.exp(x) - 1.0)
+
+    @triton.jit
+    def _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH: tl.constexpr):
+        # c - 1 (General, NegOne) or log c (ReverseKL) of one block
+        if BRANCH == 3:
+            return tl.minimum(es / et * zt_over_zs, clip) - 1.0
+        log_w = (xt - xs) + log_ratio
+        if BRANCH == 1:
+            return tl.minimum(log_w, log_clip)
+        return _expm1(tl.minimum(log_w * alpha, log_clip))
+
+    @triton.jit
+    def _alpha_statistic(s_row, t_row, s_col, t_col, C, inv_t, max_s, max_t, log_ratio, zt_over_zs, inv_zs, alpha,
+                         clip, log_clip, BRANCH: tl.constexpr, BLOCK: tl.constexpr):
+        total = tl.zeros([BLOCK], dtype=tl.float32)
+        for start in range(0, C, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            valid = cols < C
+            xs = tl.load(s_row + cols * s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_s
+            xt = tl.load(t_row + cols * t_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_t
+            es, et = tl.exp(xs), tl.exp(xt)
+            w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH)
+            total += tl.where(es == 0.0, 0.0, es * w)
+        return tl.sum(total, axis=0) * inv_zs
+
+    @triton.jit
+    def _divergence(statistic, alpha, BRANCH: tl.constexpr):
+        if BRANCH == 0:
+            return statistic
+        if BRANCH == 1:
+            return -statistic
+        return statistic / (alpha * (alpha - 1.0))
+
+    @triton.jit
+    def adaptive_kd_kernel(S, T, G, ROW_VALUES, MASK, SCALE, s_stride_row, s_stride_col, t_stride_row, t_stride_col,
+                           C, inv_t, t_squared, alpha_lo, alpha_hi, clip, log_clip,
+                           BRANCH_LO: tl.constexpr, BRANCH_HI: tl.constexpr, SAME_ALPHA: tl.constexpr,
+                           HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SURROGATE: tl.constexpr,
+                           BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        s_row = S + row * s_stride_row
+        t_row = T + row * t_stride_row
+        keep = True
+        if HAS_MASK:
+            keep = tl.load(MASK + row) != 0
+        offsets = tl.arange(0, BLOCK)
+        if keep:
+            # sweep 1: maxima
+            run_s = tl.full([BLOCK], float("-inf"), tl.float32)
+            run_t = tl.full([BLOCK], float("-inf"), tl.float32)
+            for start in range(0, C, BLOCK):
+                cols = start + offsets
+                valid = cols < C
+                run_s = tl.maximum(run_s, tl.load(s_row + cols * s_stride_col, mask=valid,
+                                                  other=float("-inf")).to(tl.float32) * inv_t)
+                run_t = tl.maximum(run_t, tl.load(t_row + cols * t_stride_col, mask=valid,
+                                                  other=float("-inf")).to(tl.float32) * inv_t)
+            max_s = tl.max(run_s, axis=0)
+            max_t = tl.max(run_t, axis=0)
+            # sweep 2: normalisers and the forward-KL sum
+            sum_s = tl.zeros([BLOCK], dtype=tl.float32)
+            sum_t = tl.zeros([BLOCK], dtype=tl.float32)
+            sum_kl = tl.zeros([BLOCK], dtype=tl.float32)
+            for start in range(0, C, BLOCK):
+                cols = start + offsets
+                valid = cols < C
+                xs = tl.load(s_row + cols * s_stride_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_s
+                xt = tl.load(t_row + cols * t_stride_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_t
+                es, et = tl.exp(xs), tl.exp(xt)
+                sum_s += es
+                sum_t += et
+                sum_kl += tl.where(et == 0.0, 0.0, et * (xt - xs))
+            zs = tl.sum(sum_s, axis=0)
+            zt = tl.sum(sum_t, axis=0)
+            log_zs = tl.log(zs)
+            log_ratio = log_zs - tl.log(zt)
+            zt_over_zs = zt / zs
+            forward_kl = tl.sum(sum_kl, axis=0) / zt + log_ratio
+            # sweep 3: the alpha branches' statistics
+            if BRANCH_LO == 0:
+                stat_lo = forward_kl
+            else:
+                stat_lo = _alpha_statistic(s_row, t_row, s_stride_col, t_stride_col, C, inv_t, max_s, max_t, log_ratio,
+                                           zt_over_zs, 1.0 / zs, alpha_lo, clip, log_clip, BRANCH_LO, BLOCK)
+            if SAME_ALPHA:
+                stat_hi = stat_lo
+            elif BRANCH_HI == 0:
+                stat_hi = forward_kl
+            else:
+                stat_hi = _alpha_statistic(s_row, t_row, s_stride_col, t_stride_col, C, inv_t, max_s, max_t, log_ratio,
+                                           zt_over_zs, 1.0 / zs, alpha_hi, clip, log_clip, BRANCH_HI, BLOCK)
+            d_lo = _divergence(stat_lo, alpha_lo, BRANCH_LO)
+            d_hi = _divergence(stat_hi, alpha_hi, BRANCH_HI)
+            use_lo = d_lo > d_hi  # strict, as in AlphaNet
+            value = tl.where(use_lo, d_lo, d_hi)
+            # sweep 4: gradient (and surrogate) of the chosen branch
+            if COMPUTE_GRAD or SURROGATE:
+                scale = tl.load(SCALE).to(tl.float32) * tl.sqrt(t_squared)  # reduction weight x T
+                surrogate = tl.zeros([BLOCK], dtype=tl.float32)
+                stat = tl.where(use_lo, stat_lo, stat_hi)
+                alpha = tl.where(use_lo, alpha_lo, alpha_hi)
+                for start in range(0, C, BLOCK):
+                    cols = start + offsets
+                    valid = cols < C
+                    xs = tl.load(s_row + cols * s_stride_col, mask=valid,
+                                 other=float("-inf")).to(tl.float32) * inv_t - max_s
+                    xt = tl.load(t_row + cols * t_stride_col, mask=valid,
+                                 other=float("-inf")).to(tl.float32) * inv_t - max_t
+                    es, et = tl.exp(xs), tl.exp(xt)
+                    q, p = es / zs, et / zt
+                    if use_lo:
+                        grad, q_rho, seen = _branch_gradient(xs, xt, es, et, q, p, stat, log_ratio, zt_over_zs,
+                                                             alpha_lo, clip, log_clip, BRANCH_LO)
+                    else:
+                        grad, q_rho, seen = _branch_gradient(xs, xt, es, et, q, p, stat, log_ratio, zt_over_zs,
+                                                             alpha_hi, clip, log_clip, BRANCH_HI)
+                    if COMPUTE_GRAD:
+                        tl.store(G + row * C + cols, (grad * scale).to(G.dtype.element_ty), mask=valid)
+                    if SURROGATE:
+                        surrogate += tl.where(seen == 0.0, 0.0, -q_rho * (xs - log_zs))
+                if SURROGATE:
+                    value = tl.sum(surrogate, axis=0)
+            tl.store(ROW_VALUES + row, value * t_squared)
+        else:
+            tl.store(ROW_VALUES + row, 0.0)
+            if COMPUTE_GRAD:
+                for start in range(0, C, BLOCK):
+                    cols = start + offsets
+                    tl.store(G + row * C + cols, tl.zeros([BLOCK], dtype=tl.float32).to(G.dtype.element_ty),
+                             mask=cols < C)
+
+    @triton.jit
+    def _branch_gradient(xs, xt, es, et, q, p, stat, log_ratio, zt_over_zs, alpha, clip, log_clip,
+                         BRANCH: tl.constexpr):
+        """(d D / d s, q * rho of the surrogate, the probability whose zeros void a term)."""
+        if BRANCH == 0:
+            return q - p, p, p
+        w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH)
+        if BRANCH == 1:
+            return tl.where(q == 0.0, 0.0, q * (stat - w)), q * (w - 1.0), q
+        grad = tl.where(q == 0.0, 0.0, q * (stat - w) / alpha)
+        return grad, q * ((w + 1.0) / alpha + 1.0 / (alpha * (alpha - 1.0))), q
+
+
+def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor], alpha_min: float,
+                       alpha_max: float, clip: float, temperature: float, reduction: int, surrogate: bool,
+                       compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The launcher: same contract as the C++ op alphadiv::adaptive_kd ([N, C] inputs)."""
+    rows, cols = student.shape
+    value_dtype = torch.promote_types(student.dtype, teacher.dtype)
+    if value_dtype == torch.float64:
+        raise TypeError("the Triton backend computes in fp32; use backend='cpu' or 'reference' for float64")
+    row_values = torch.empty(rows, device=student.device, dtype=torch.float32)
+    grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
+    if mask is not None:
+        valid = mask.sum()
+        scale = (1.0 / valid.clamp(min=1).float()) if reduction == 1 else torch.ones((), device=student.device)
+    else:
+        scale = torch.full((), 1.0 / max(rows, 1) if reduction == 1 else 1.0, device=student.device)
+    scale = scale.reshape(1).to(torch.float32)
+    if rows > 0:
+        block = min(MAX_BLOCK, triton.next_power_of_2(cols))
+        adaptive_kd_kernel[(rows,)](
+            student, teacher, grad, row_values, mask if mask is not None else row_values, scale,
+            student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), cols,
+            1.0 / temperature, temperature * temperature, float(alpha_min), float(alpha_max), float(clip),
+            math.log(clip), BRANCH_LO=branch_code(alpha_min), BRANCH_HI=branch_code(alpha_max),
+            SAME_ALPHA=alpha_min == alpha_max, HAS_MASK=mask is not None, COMPUTE_GRAD=compute_grad,
+            SURROGATE=surrogate, BLOCK=block)
+    if reduction == 0:
+        return row_values.to(value_dtype), grad
+    total = row_values.sum()
+    if reduction == 1:
+        count = mask.sum() if mask is not None else torch.tensor(rows, device=student.device)
+        total = total / count.clamp(min=1)
+    return total.to(value_dtype), grad
