@@ -30,6 +30,8 @@ _warned_fallback = False
 def available_backends() -> List[str]:
     """Backends usable in this process, best first; `reference` is always there."""
     backends = []
+    if _extension.HAS_CUDA_EXTENSION and torch.cuda.is_available():
+        backends.append("cuda")
     if _extension.HAS_CPU_EXTENSION:
         backends.append("cpu")
     if triton_adaptive_kd.available(torch.device("cuda")) and torch.cuda.is_available():
@@ -56,6 +58,8 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                 f"({_extension.missing_reason('alphadiv_kernels._C')}); using the eager reference",
                 stacklevel=3,
             )
+        if device.type == "cuda" and _extension.HAS_CUDA_EXTENSION:
+            return "cuda"
         if device.type == "cuda" and triton_adaptive_kd.available(device):
             return "triton"
         if device.type != "cpu":
@@ -76,7 +80,12 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
                "on CPU tensors it needs Triton's interpreter (TRITON_INTERPRET=1)")
         raise RuntimeError(f"backend='triton' is unavailable for {device.type} tensors: {why}")
     if backend == "cuda":
-        raise RuntimeError("backend='cuda' is not built into this installation")
+        if not _extension.HAS_CUDA_EXTENSION:
+            raise RuntimeError("backend='cuda' needs the CUDA extension alphadiv_kernels._C_cuda, which did not "
+                               f"load: {_extension.missing_reason('alphadiv_kernels._C_cuda')}. Build it with "
+                               "ALPHADIV_CUDA=1 pip install --no-build-isolation -e .")
+        if device.type != "cuda":
+            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type} tensors")
     return backend
 
 
@@ -131,6 +140,7 @@ def fused_adaptive_kd(
             temperature=temperature, reduction=reduction, value=value, mask=mask,
         )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    # "cpu" and "cuda" are the C++ op's dispatch keys; the tensors' device picks the kernel.
     op = torch.ops.alphadiv.adaptive_kd_triton if chosen == "triton" else torch.ops.alphadiv.adaptive_kd
     loss, _ = op(
         args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max), float(clip),

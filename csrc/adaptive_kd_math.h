@@ -18,8 +18,13 @@
 // Terms with q == 0 (alpha branches) or p == 0 (forward KL) are the limits, i.e. 0.
 #pragma once
 
-#include <cmath>
 #include <cstdint>
+
+#if defined(__CUDACC__)
+#define ALPHADIV_HOST_DEVICE __host__ __device__
+#else
+#define ALPHADIV_HOST_DEVICE
+#endif
 
 namespace alphadiv {
 
@@ -31,18 +36,19 @@ enum class Branch : int { ForwardKL = 0, ReverseKL = 1, General = 2, NegOne = 3 
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };
 
 inline Branch classify_alpha(double alpha) {
-  if (std::abs(alpha - 1.0) < kAlphaLimitTolerance) return Branch::ForwardKL;
-  if (std::abs(alpha) < kAlphaLimitTolerance) return Branch::ReverseKL;
+  if (alpha - 1.0 < kAlphaLimitTolerance && 1.0 - alpha < kAlphaLimitTolerance) return Branch::ForwardKL;
+  if (alpha < kAlphaLimitTolerance && -alpha < kAlphaLimitTolerance) return Branch::ReverseKL;
   if (alpha == -1.0) return Branch::NegOne;
   return Branch::General;
 }
 
 // Divergence of a branch from its kept statistic (for ForwardKL the statistic is sum p * lw itself).
-inline double branch_divergence(Branch branch, double alpha, double stat) {
+template <typename acc_t>
+ALPHADIV_HOST_DEVICE inline acc_t branch_divergence(Branch branch, acc_t alpha, acc_t stat) {
   switch (branch) {
     case Branch::ForwardKL: return stat;
     case Branch::ReverseKL: return -stat;
-    default: return stat / (alpha * (alpha - 1.0));
+    default: return stat / (alpha * (alpha - acc_t(1)));
   }
 }
 

@@ -1,0 +1,38 @@
+// Argument checks of alphadiv::adaptive_kd shared by its device kernels (clear errors for direct
+// callers of the op; the Python API checks the same before it calls).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+
+#include "adaptive_kd_math.h"
+
+namespace alphadiv {
+
+inline void check_arguments(const at::Tensor& student, const at::Tensor& teacher, const std::optional<at::Tensor>& mask,
+                     double alpha_min, double alpha_max, double clip, double temperature, int64_t reduction) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && teacher.dim() == 2,
+                    "alphadiv::adaptive_kd expects 2-D [N, C] logits, got student ", student.sizes(),
+                    " and teacher ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.sizes() == teacher.sizes(), "student and teacher logits must have the same shape, got ",
+                    student.sizes(), " and ", teacher.sizes());
+  TORCH_CHECK_VALUE(student.size(1) > 0, "logits need at least one class (C = 0)");
+  TORCH_CHECK_TYPE(at::isFloatingType(student.scalar_type()) && at::isFloatingType(teacher.scalar_type()),
+                   "logits must be floating point, got ", student.scalar_type(), " and ", teacher.scalar_type());
+  TORCH_CHECK_VALUE(student.device() == teacher.device(), "student and teacher must be on the same device, got ",
+                    student.device(), " and ", teacher.device());
+  TORCH_CHECK_VALUE(alpha_min <= alpha_max, "alpha_min (", alpha_min, ") must not exceed alpha_max (", alpha_max, ")");
+  TORCH_CHECK_VALUE(clip > 0, "clip must be positive, got ", clip);
+  TORCH_CHECK_VALUE(temperature > 0, "temperature must be positive, got ", temperature);
+  TORCH_CHECK_VALUE(reduction >= kReductionNone && reduction <= kReductionSum, "reduction code must be 0, 1 or 2, got ",
+                    reduction);
+  if (mask.has_value()) {
+    TORCH_CHECK_TYPE(mask->scalar_type() == at::kBool, "mask must be a bool tensor, got ", mask->scalar_type());
+    TORCH_CHECK_VALUE(mask->dim() == 1 && mask->size(0) == student.size(0), "mask must have shape [", student.size(0),
+                      "], got ", mask->sizes());
+  }
+}
+
+}  // namespace alphadiv

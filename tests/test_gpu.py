@@ -1,0 +1,65 @@
+"""GPU tests of the CUDA and Triton backends (marked gpu; skipped without a CUDA device)."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import alphadiv_kernels as ak
+from conftest import LOGIT_KINDS, check_against_reference, make_logits, value_and_grad
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+GPU_BACKENDS = [b for b in ("cuda", "triton") if b in ak.available_backends()]
+
+
+def on_gpu(*tensors):
+    return [t.cuda() for t in tensors]
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("alphas", [(-1.0, 1.0), (-2.0, 0.5), (0.0, 1.0), (1.0, 1.0)], ids=str)
+@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (256, 1000), (7, 32000), (3, 262144)], ids=str)
+def test_gpu_backends_match_float64_reference(backend, shape, kind, alphas, gen):
+    student, teacher = on_gpu(*make_logits(kind, *shape, gen))
+    fn = functools.partial(ak.fused_adaptive_kd, backend=backend)
+    check_against_reference(fn, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1])
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", ["random", "confident_teacher", "equal"])
+def test_bf16_llm_vocabulary_rows_within_half_percent(backend, kind, gen):
+    rows, cols = 8192, 128256
+    student, teacher = make_logits(kind, 64, cols, gen, dtype=torch.bfloat16)
+    big_s = student.cuda().repeat(rows // 64, 1)  # 8192 x 128256 bf16; the first 64 rows are checked
+    big_t = teacher.cuda().repeat(rows // 64, 1)
+    value, grad = value_and_grad(functools.partial(ak.fused_adaptive_kd, backend=backend, reduction="none"),
+                                 big_s, big_t)
+    ref_value, ref_grad = value_and_grad(functools.partial(ak.adaptive_kd_reference, reduction="none"),
+                                         student.cuda().double(), teacher.cuda().double())
+    torch.testing.assert_close(value[:64].double(), ref_value, rtol=2 ** -7, atol=1e-6)
+    error = (grad[:64].double() - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30)
+    assert error <= 5e-3 or ref_grad.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_non_contiguous_compile_and_cuda_graph(backend, gen):
+    student = torch.randn(300, 64, generator=gen).cuda().t()
+    teacher = torch.randn(64, 600, generator=gen).cuda()[:, ::2]
+    fn = functools.partial(ak.fused_adaptive_kd, backend=backend)
+    check_against_reference(fn, student, teacher)
+    compiled = torch.compile(fn, fullgraph=True)
+    value, grad = value_and_grad(compiled, student.contiguous(), teacher.contiguous())
+    expected, expected_grad = value_and_grad(fn, student.contiguous(), teacher.contiguous())
+    torch.testing.assert_close(value, expected, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-6, atol=1e-9)
+    static_s, static_t = student.contiguous(), teacher.contiguous()
+    with torch.no_grad():
+        fn(static_s, static_t)  # warm up (and compile) outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            captured = fn(static_s, static_t)
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(captured, expected, rtol=1e-6, atol=0)
