@@ -76,10 +76,14 @@ def available_providers(device: str) -> Dict[str, Callable]:
         providers[f"fused-{backend}"] = lambda s, t, backend=backend: ak.fused_adaptive_kd(s, t, backend=backend)
     if device == "cuda" and _liger_kl() is not None:
         providers["liger-kl (alpha 1,1)"] = _liger_kl()
+    providers[LOG_SOFTMAX] = lambda s, t: torch.log_softmax(s, -1)
     return providers
 
 
-DEFAULT_PROVIDERS = ("eager", "compile", "fused-cpu", "fused-cuda", "fused-triton", "liger-kl (alpha 1,1)")
+# The floor: one log_softmax of the student, forward only in every mode (not a KD loss).
+LOG_SOFTMAX = "log_softmax (floor)"
+DEFAULT_PROVIDERS = ("eager", "compile", "fused-cpu", "fused-cuda", "fused-triton", "liger-kl (alpha 1,1)",
+                     LOG_SOFTMAX)
 
 
 def make_step(loss_fn: Callable, student: torch.Tensor, teacher: torch.Tensor, mode: str) -> Step:

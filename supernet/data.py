@@ -1,12 +1,14 @@
 """Datasets: scikit-learn's bundled digits (no download), CIFAR-10 and ImageFolder from local folders.
 
-Each returns train / val / test splits. Digits uses a fixed 70/10/20 split; CIFAR-10 holds out
-5000 training images as its validation split and tests on its test batch; an ImageFolder root has
-train/ and val/ (and test/, else val doubles as test).
+Each returns train / val / test splits. Digits uses a fixed 70/10/20 split; CIFAR-10 (its python
+batches, read directly) holds out 5000 training images (a tenth of smaller sets) as its validation
+split and tests on its test batch; an ImageFolder root has train/ and val/ (and test/, else val
+doubles as test).
 """
 from __future__ import annotations
 
 import os
+import pickle
 from typing import Dict
 
 import torch
@@ -34,25 +36,48 @@ def _require_folder(path: str, what: str) -> None:
         raise FileNotFoundError(f"{what}: folder {path!r} does not exist")
 
 
+class CifarBatches(Dataset):
+    """CIFAR-10 images from its python batches (dicts with b"data" [N, 3072] uint8 and b"labels")."""
+
+    def __init__(self, root: str, files, transform):
+        images, labels = [], []
+        for name in files:
+            path = os.path.join(root, name)
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"CIFAR-10: {path!r} is missing (expected the python batches "
+                                        "data_batch_1..5 and test_batch, as extracted from cifar-10-python.tar.gz)")
+            try:
+                with open(path, "rb") as handle:
+                    batch = pickle.load(handle, encoding="bytes")
+                images.append(torch.as_tensor(batch[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
+                labels.append(torch.as_tensor(batch[b"labels"], dtype=torch.long))
+            except (pickle.UnpicklingError, KeyError, RuntimeError, EOFError, ValueError) as error:
+                raise FileNotFoundError(f"CIFAR-10: {path!r} is malformed ({type(error).__name__}: {error})") from None
+        self.images, self.labels, self.transform = torch.cat(images), torch.cat(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.transform(self.images[index].float() / 255.0), self.labels[index]
+
+
 def cifar10_splits(root: str, image_size: int) -> Dict[str, Dataset]:
-    from torchvision import datasets, transforms
+    from torchvision import transforms
 
     _require_folder(root, "CIFAR-10")
-    if not os.path.isdir(os.path.join(root, "cifar-10-batches-py")):
-        raise FileNotFoundError(f"CIFAR-10: {root!r} has no cifar-10-batches-py/ folder (the standard python "
-                                "format, as extracted from cifar-10-python.tar.gz)")
+    folder = os.path.join(root, "cifar-10-batches-py")
+    _require_folder(folder, f"CIFAR-10 needs cifar-10-batches-py/ under {root!r}")
     normalize = transforms.Normalize((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
     augment = transforms.Compose([transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(),
-                                  transforms.Resize(image_size), transforms.ToTensor(), normalize])
-    plain = transforms.Compose([transforms.Resize(image_size), transforms.ToTensor(), normalize])
-    try:
-        train_aug = datasets.CIFAR10(root, train=True, transform=augment, download=False)
-        train_plain = datasets.CIFAR10(root, train=True, transform=plain, download=False)
-        test = datasets.CIFAR10(root, train=False, transform=plain, download=False)
-    except RuntimeError as error:  # corrupt or incomplete batches
-        raise FileNotFoundError(f"CIFAR-10 at {root!r} is malformed: {error}") from None
+                                  transforms.Resize(image_size, antialias=True), normalize])
+    plain = transforms.Compose([transforms.Resize(image_size, antialias=True), normalize])
+    train_files = [f"data_batch_{i}" for i in range(1, 6)]
+    train_aug, train_plain = CifarBatches(folder, train_files, augment), CifarBatches(folder, train_files, plain)
+    test = CifarBatches(folder, ["test_batch"], plain)
+    held_out = min(5000, len(train_aug) // 10)
     order = torch.randperm(len(train_aug), generator=torch.Generator().manual_seed(SPLIT_SEED)).tolist()
-    return {"train": Subset(train_aug, order[5000:]), "val": Subset(train_plain, order[:5000]), "test": test}
+    return {"train": Subset(train_aug, order[held_out:]), "val": Subset(train_plain, order[:held_out]), "test": test}
 
 
 def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:

@@ -199,3 +199,55 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     assert "2 process(es)" in done.stdout
     assert "max subnet test top-1:" in done.stdout
     assert ckpt.load(str(out))["step"] == 1257 // 2 // 64
+
+
+# -- the folder datasets, on small files made here --------------------------------------------
+
+def write_fake_cifar(root, per_batch=20):
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    generator = torch.Generator().manual_seed(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {b"data": torch.randint(0, 256, (per_batch, 3072), generator=generator, dtype=torch.uint8).numpy(),
+                 b"labels": torch.randint(0, 10, (per_batch,), generator=generator).tolist()}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(batch, handle)
+
+
+def test_cifar10_folder_loads_and_trains(tmp_path):
+    from supernet.data import load_splits
+
+    write_fake_cifar(tmp_path / "cifar")
+    splits = load_splits("cifar10", str(tmp_path / "cifar"), 32)
+    assert (len(splits["train"]), len(splits["val"]), len(splits["test"])) == (90, 10, 20)
+    image, label = splits["train"][0]
+    assert image.shape == (3, 32, 32) and 0 <= int(label) < 10
+    config = resolve_config("digits", overrides={"dataset": "cifar10", "data_path": str(tmp_path / "cifar"),
+                                                 "space": "tiny", "epochs": "1", "batch_size": "32",
+                                                 "num_random_subnets": "1", "calib_batches": "1",
+                                                 "out": str(tmp_path / "run")})
+    summary = train.run_training(config)
+    assert summary["step"] == 2 and 0 <= summary["test_top1_max"] <= 100
+    (tmp_path / "cifar" / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle")
+    with pytest.raises(FileNotFoundError, match="test_batch.*malformed"):
+        load_splits("cifar10", str(tmp_path / "cifar"), 32)
+
+
+def test_imagefolder_loads_train_val_and_falls_back_to_val_for_test(tmp_path):
+    from PIL import Image
+
+    from supernet.data import load_splits, num_classes
+
+    for split in ("train", "val"):
+        for label in ("cat", "dog"):
+            (tmp_path / "images" / split / label).mkdir(parents=True)
+            for index in range(3):
+                Image.new("RGB", (40, 30), (index * 40, 100, 200)).save(tmp_path / "images" / split / label / f"{index}.png")
+    splits = load_splits("imagefolder", str(tmp_path / "images"), 32)
+    assert num_classes("imagefolder", splits) == 2 and splits["test"] is splits["val"]
+    assert splits["train"][0][0].shape == (3, 32, 32) and splits["val"][5][1] == 1
+    with pytest.raises(FileNotFoundError, match="val/"):
+        (tmp_path / "broken" / "train").mkdir(parents=True)
+        load_splits("imagefolder", str(tmp_path / "broken"), 32)
