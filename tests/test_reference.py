@@ -65,7 +65,7 @@ def test_reference_kl_pair_equals_torch_kl_div(gen):
     kl = lambda s, t: F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
     expected, expected_grad = value_and_grad(kl, student, teacher)
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
-    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-16)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-15)
 
 
 def test_reference_divergence_is_nonnegative_and_zero_only_for_equal_distributions(gen):
@@ -100,4 +100,4 @@ def test_masked_classes_take_the_mathematical_limit(gen):
                                              reduction="none")
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
     assert (grad[:, :4] == 0).all()
-    torch.testing.assert_close(grad[:, 4:], expected_grad, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad[:, 4:], expected_grad, rtol=1e-12, atol=1e-15)  # fp64 rounding of small terms
