@@ -128,7 +128,7 @@ if triton is not None:
             zs = tl.sum(sum_s, axis=0)
             zt = tl.sum(sum_t, axis=0)
             log_zs = tl.log(zs)
-            log_ratio = log_zs - tl.log(zt)
+            log_ratio = tl.log(zs / zt)  # not log zs - log zt: both ~log C, their rounding would dominate
             zt_over_zs = zt / zs
             forward_kl = tl.sum(sum_kl, axis=0) / zt + log_ratio
             # sweep 3: the alpha branches' statistics

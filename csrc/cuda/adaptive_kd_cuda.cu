@@ -152,7 +152,7 @@ __global__ void adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict_
   zt = group_reduce<kGroup, false>(zt, shared);
   kl = group_reduce<kGroup, false>(kl, shared);
   const acc_t log_zs = device_log(zs);
-  const acc_t log_ratio = log_zs - device_log(zt);
+  const acc_t log_ratio = device_log(zs / zt);  // not log zs - log zt: both ~log C, their rounding would dominate
   const acc_t zt_over_zs = zt / zs;
   const acc_t forward_kl = kl / zt + log_ratio;
 
