@@ -153,7 +153,6 @@ if triton is not None:
                 scale = tl.load(SCALE).to(tl.float32) * tl.sqrt(t_squared)  # reduction weight x T
                 surrogate = tl.zeros([BLOCK], dtype=tl.float32)
                 stat = tl.where(use_lo, stat_lo, stat_hi)
-                alpha = tl.where(use_lo, alpha_lo, alpha_hi)
                 for start in range(0, C, BLOCK):
                     cols = start + offsets
                     valid = cols < C

@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import json
 import random
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
