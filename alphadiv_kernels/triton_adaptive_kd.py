@@ -49,10 +49,11 @@ if triton is not None:
 
     @triton.jit
     def _expm1(x):
-        # exp(x) - 1 without the cancellation near 0 (no libdevice expm1 on every target)
-        small = tl.abs(x) < 1e-2
-        series = x * (1.0 + x * (0.5 + x * (1.0 / 6.0 + x * (1.0 / 24.0))))
-        return tl.where(small, series, tl.exp(x) - 1.0)
+        # exp(x) - 1 to a few ulps without libdevice (Kahan): (u - 1) x / log u with u = exp(x) cancels
+        # the rounding of u; u == 1 means |x| is below half an ulp, and u == 0 means x = -inf.
+        u = tl.exp(x)
+        u_minus_one = u - 1.0
+        return tl.where(u == 1.0, x, tl.where(u_minus_one == -1.0, -1.0, u_minus_one * x / tl.log(u)))
 
     @triton.jit
     def _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH: tl.constexpr):
