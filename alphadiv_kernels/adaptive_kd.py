@@ -34,10 +34,8 @@ def available_backends() -> List[str]:
         backends.append("cuda")
     if _extension.HAS_CPU_EXTENSION:
         backends.append("cpu")
-    if triton_adaptive_kd.available(torch.device("cuda")) and torch.cuda.is_available():
-        backends.append("triton")
-    elif triton_adaptive_kd.available(torch.device("cpu")):
-        backends.append("triton")  # under TRITON_INTERPRET=1, on CPU tensors
+    if triton_adaptive_kd.available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
+        backends.append("triton")  # without a GPU: under TRITON_INTERPRET=1, on CPU tensors
     backends.append("reference")
     return backends
 

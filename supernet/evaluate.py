@@ -26,6 +26,13 @@ from .model import ElasticSupernet, StaticSubnet, extract
 from .space import ArchConfig, SearchSpace, get_space
 
 
+def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool = False):
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, labels.to(device, non_blocking=True)
+
+
 @torch.no_grad()
 def classification_metrics(forward: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
                            device: torch.device, autocast=contextlib.nullcontext,
@@ -34,9 +41,7 @@ def classification_metrics(forward: Callable[[torch.Tensor], torch.Tensor], load
     top1 = top5 = total = 0
     loss = 0.0
     for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, labels = to_device(images, labels, device, channels_last)
         with autocast():
             logits = forward(images).float()
         loss += F.cross_entropy(logits, labels, reduction="sum").item()

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
 from .config import TrainConfig, parse_overrides, resolve_config, save_yaml, to_dict
 from .data import load_splits, num_classes
-from .evaluate import calibration_loader, classification_metrics
+from .evaluate import calibration_loader, classification_metrics, to_device
 from .model import ElasticSupernet
 from .space import ArchConfig, SearchSpace, get_space
 from .report import plot_curves, summary_lines
@@ -158,7 +158,7 @@ def calibrated_accuracy(model, calib_loader, eval_loader, subnet, config, runtim
     are left as that subnet's; training uses batch statistics)."""
     def calib_batches():
         for images, labels in calib_loader:
-            yield _to_device(images, labels, runtime, config.channels_last)[0]
+            yield to_device(images, labels, runtime.device, config.channels_last)[0]
 
     with autocast():
         recalibrate_bn(model, calib_batches(), config.calib_batches, forward=lambda x: model(x, subnet))
@@ -168,13 +168,6 @@ def calibrated_accuracy(model, calib_loader, eval_loader, subnet, config, runtim
                                       config.channels_last)
     finally:
         model.train()
-
-
-def _to_device(images, labels, runtime: Runtime, channels_last: bool):
-    images = images.to(runtime.device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, labels.to(runtime.device, non_blocking=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +255,7 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
         started = time.time()
         for images, labels in progress:
             seed_step(config.seed, runtime.rank, step)
-            images, labels = _to_device(images, labels, runtime, config.channels_last)
+            images, labels = to_device(images, labels, runtime.device, config.channels_last)
             subnets = sample_subnets(space, config.seed, step, config.num_random_subnets)
             losses = sandwich_backward(model, images, labels, subnets, config, autocast, scaler)
             flat = all_reduce_gradients(params, runtime)
