@@ -207,12 +207,12 @@ def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
         raise TypeError("the Triton backend computes in fp32; use backend='cpu' or 'reference' for float64")
     row_values = torch.empty(rows, device=student.device, dtype=torch.float32)
     grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
-    if mask is not None:
-        valid = mask.sum()
-        scale = (1.0 / valid.clamp(min=1).float()) if reduction == 1 else torch.ones((), device=student.device)
+    # Row weight of the gradient, on the device (no sync): 1 / valid rows for the mean (a mean over
+    # no rows is 0), else 1. The mean value below uses the same weight.
+    if reduction == 1 and mask is not None:
+        scale = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
     else:
-        scale = torch.full((), 1.0 / max(rows, 1) if reduction == 1 else 1.0, device=student.device)
-    scale = scale.reshape(1).to(torch.float32)
+        scale = torch.full((1,), 1.0 / max(rows, 1) if reduction == 1 else 1.0, device=student.device)
     if rows > 0:
         block = min(MAX_BLOCK, triton.next_power_of_2(cols))
         adaptive_kd_kernel[(rows,)](
@@ -226,6 +226,5 @@ def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
         return row_values.to(value_dtype), grad
     total = row_values.sum()
     if reduction == 1:
-        count = mask.sum() if mask is not None else torch.tensor(rows, device=student.device)
-        total = total / count.clamp(min=1)
+        total = total * scale[0]
     return total.to(value_dtype), grad
