@@ -5,10 +5,12 @@ xs = s/T - max, xt = t/T - max:
   1. the row maxima of s/T and t/T;
   2. Z_s = sum exp(xs), Z_t = sum exp(xt), and sum exp(xt) (xt - xs), which gives forward KL as
      sum p log w = (1/Z_t) sum exp(xt)(xt - xs) + log(Z_s / Z_t);
-  3. for each alpha that is not forward KL, its statistic (R = sum q log c, or B = sum q (c - 1));
+  3. the statistics of the alphas that are not forward KL (R = sum q log c, or B = sum q (c - 1)),
+     both in one sweep;
   4. the selected branch's gradient, scaled for the reduction and written once in the student's
      dtype, and the surrogate value when asked for.
-Logits are re-read from memory in each sweep (they stay in L2 for one row at a time). The kernel
+A row of up to 16384 columns is one block: it is read once and the sweeps run on registers. Longer
+rows are streamed in blocks of 4096 columns and re-read in each sweep (from L2). The kernel
 uses only tl.exp / tl.log (no libdevice) so it also runs under TRITON_INTERPRET=1 on CPU tensors,
 which is how it is tested without a GPU.
 """
@@ -27,7 +29,8 @@ except ImportError:  # the op then has no Triton backend
     triton = None
 
 BRANCH_FORWARD_KL, BRANCH_REVERSE_KL, BRANCH_GENERAL, BRANCH_NEG_ONE = 0, 1, 2, 3
-MAX_BLOCK = 4096
+MAX_STREAMED_BLOCK = 4096   # columns per step when a row is longer than one block
+MAX_SINGLE_BLOCK = 16384    # rows up to this many columns are read once and kept in registers
 
 
 def branch_code(alpha: float) -> int:
@@ -66,18 +69,33 @@ if triton is not None:
         return _expm1(tl.minimum(log_w * alpha, log_clip))
 
     @triton.jit
-    def _alpha_statistic(s_row, t_row, s_col, t_col, C, inv_t, max_s, max_t, log_ratio, zt_over_zs, inv_zs, alpha,
-                         clip, log_clip, BRANCH: tl.constexpr, BLOCK: tl.constexpr):
-        total = tl.zeros([BLOCK], dtype=tl.float32)
+    def _load_row_block(row, cols, valid, stride, inv_t, cached, SINGLE_BLOCK: tl.constexpr):
+        # s/T (or t/T) of one block of columns: from the registers when the whole row is one block
+        if SINGLE_BLOCK:
+            return cached
+        return tl.load(row + cols * stride, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
+
+    @triton.jit
+    def _alpha_statistics(s_row, t_row, s_col, t_col, C, inv_t, cached_s, cached_t, max_s, max_t, log_ratio,
+                          zt_over_zs, inv_zs, alpha_lo, alpha_hi, clip, log_clip, BRANCH_LO: tl.constexpr,
+                          BRANCH_HI: tl.constexpr, NEED_LO: tl.constexpr, NEED_HI: tl.constexpr,
+                          SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        # R or B of both alphas that need one, in one sweep
+        total_lo = tl.zeros([BLOCK], dtype=tl.float32)
+        total_hi = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < C
-            xs = tl.load(s_row + cols * s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_s
-            xt = tl.load(t_row + cols * t_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_t
+            xs = _load_row_block(s_row, cols, valid, s_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
+            xt = _load_row_block(t_row, cols, valid, t_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
             es, et = tl.exp(xs), tl.exp(xt)
-            w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH)
-            total += tl.where(es == 0.0, 0.0, es * w)
-        return tl.sum(total, axis=0) * inv_zs
+            if NEED_LO:
+                w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha_lo, clip, log_clip, BRANCH_LO)
+                total_lo += tl.where(es == 0.0, 0.0, es * w)
+            if NEED_HI:
+                w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha_hi, clip, log_clip, BRANCH_HI)
+                total_hi += tl.where(es == 0.0, 0.0, es * w)
+        return tl.sum(total_lo, axis=0) * inv_zs, tl.sum(total_hi, axis=0) * inv_zs
 
     @triton.jit
     def _divergence(statistic, alpha, BRANCH: tl.constexpr):
@@ -91,8 +109,8 @@ if triton is not None:
     def adaptive_kd_kernel(S, T, G, ROW_VALUES, MASK, SCALE, s_stride_row, s_stride_col, t_stride_row, t_stride_col,
                            C, inv_t, t_squared, alpha_lo, alpha_hi, clip, log_clip,
                            BRANCH_LO: tl.constexpr, BRANCH_HI: tl.constexpr, SAME_ALPHA: tl.constexpr,
-                           HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SURROGATE: tl.constexpr,
-                           BLOCK: tl.constexpr):
+                           NEED_LO: tl.constexpr, NEED_HI: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SURROGATE: tl.constexpr,
+                           SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s_row = S + row * s_stride_row
         t_row = T + row * t_stride_row
@@ -101,16 +119,24 @@ if triton is not None:
             keep = tl.load(MASK + row) != 0
         offsets = tl.arange(0, BLOCK)
         if keep:
+            # a row of one block is read once and kept in registers for every sweep
+            cached_s = tl.zeros([BLOCK], dtype=tl.float32)
+            cached_t = tl.zeros([BLOCK], dtype=tl.float32)
+            if SINGLE_BLOCK:
+                cached_s = tl.load(s_row + offsets * s_stride_col, mask=offsets < C,
+                                   other=float("-inf")).to(tl.float32) * inv_t
+                cached_t = tl.load(t_row + offsets * t_stride_col, mask=offsets < C,
+                                   other=float("-inf")).to(tl.float32) * inv_t
             # sweep 1: maxima
             run_s = tl.full([BLOCK], float("-inf"), tl.float32)
             run_t = tl.full([BLOCK], float("-inf"), tl.float32)
             for start in range(0, C, BLOCK):
                 cols = start + offsets
                 valid = cols < C
-                run_s = tl.maximum(run_s, tl.load(s_row + cols * s_stride_col, mask=valid,
-                                                  other=float("-inf")).to(tl.float32) * inv_t)
-                run_t = tl.maximum(run_t, tl.load(t_row + cols * t_stride_col, mask=valid,
-                                                  other=float("-inf")).to(tl.float32) * inv_t)
+                run_s = tl.maximum(run_s, _load_row_block(s_row, cols, valid, s_stride_col, inv_t, cached_s,
+                                                          SINGLE_BLOCK))
+                run_t = tl.maximum(run_t, _load_row_block(t_row, cols, valid, t_stride_col, inv_t, cached_t,
+                                                          SINGLE_BLOCK))
             max_s = tl.max(run_s, axis=0)
             max_t = tl.max(run_t, axis=0)
             # sweep 2: normalisers and the forward-KL sum
@@ -120,8 +146,8 @@ if triton is not None:
             for start in range(0, C, BLOCK):
                 cols = start + offsets
                 valid = cols < C
-                xs = tl.load(s_row + cols * s_stride_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_s
-                xt = tl.load(t_row + cols * t_stride_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_t - max_t
+                xs = _load_row_block(s_row, cols, valid, s_stride_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
+                xt = _load_row_block(t_row, cols, valid, t_stride_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
                 es, et = tl.exp(xs), tl.exp(xt)
                 sum_s += es
                 sum_t += et
@@ -132,19 +158,20 @@ if triton is not None:
             log_ratio = tl.log(zs / zt)  # not log zs - log zt: both ~log C, their rounding would dominate
             zt_over_zs = zt / zs
             forward_kl = tl.sum(sum_kl, axis=0) / zt + log_ratio
-            # sweep 3: the alpha branches' statistics
-            if BRANCH_LO == 0:
-                stat_lo = forward_kl
-            else:
-                stat_lo = _alpha_statistic(s_row, t_row, s_stride_col, t_stride_col, C, inv_t, max_s, max_t, log_ratio,
-                                           zt_over_zs, 1.0 / zs, alpha_lo, clip, log_clip, BRANCH_LO, BLOCK)
+            # sweep 3: the statistics of the alphas that are not forward KL
+            stat_lo = forward_kl
+            stat_hi = forward_kl
+            if NEED_LO or NEED_HI:
+                stat_lo, stat_hi = _alpha_statistics(
+                    s_row, t_row, s_stride_col, t_stride_col, C, inv_t, cached_s, cached_t, max_s, max_t, log_ratio,
+                    zt_over_zs, 1.0 / zs, alpha_lo, alpha_hi, clip, log_clip, BRANCH_LO, BRANCH_HI, NEED_LO, NEED_HI,
+                    SINGLE_BLOCK, BLOCK)
+                if not NEED_LO:
+                    stat_lo = forward_kl
+                if not NEED_HI:
+                    stat_hi = forward_kl
             if SAME_ALPHA:
                 stat_hi = stat_lo
-            elif BRANCH_HI == 0:
-                stat_hi = forward_kl
-            else:
-                stat_hi = _alpha_statistic(s_row, t_row, s_stride_col, t_stride_col, C, inv_t, max_s, max_t, log_ratio,
-                                           zt_over_zs, 1.0 / zs, alpha_hi, clip, log_clip, BRANCH_HI, BLOCK)
             d_lo = _divergence(stat_lo, alpha_lo, BRANCH_LO)
             d_hi = _divergence(stat_hi, alpha_hi, BRANCH_HI)
             use_lo = d_lo > d_hi  # strict, as in AlphaNet
@@ -157,10 +184,8 @@ if triton is not None:
                 for start in range(0, C, BLOCK):
                     cols = start + offsets
                     valid = cols < C
-                    xs = tl.load(s_row + cols * s_stride_col, mask=valid,
-                                 other=float("-inf")).to(tl.float32) * inv_t - max_s
-                    xt = tl.load(t_row + cols * t_stride_col, mask=valid,
-                                 other=float("-inf")).to(tl.float32) * inv_t - max_t
+                    xs = _load_row_block(s_row, cols, valid, s_stride_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
+                    xt = _load_row_block(t_row, cols, valid, t_stride_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
                     es, et = tl.exp(xs), tl.exp(xt)
                     q, p = es / zs, et / zt
                     if use_lo:
@@ -214,14 +239,18 @@ def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
     else:
         scale = torch.full((1,), 1.0 / max(rows, 1) if reduction == 1 else 1.0, device=student.device)
     if rows > 0:
-        block = min(MAX_BLOCK, triton.next_power_of_2(cols))
+        branch_lo, branch_hi = branch_code(alpha_min), branch_code(alpha_max)
+        single_block = cols <= MAX_SINGLE_BLOCK
+        block = triton.next_power_of_2(cols) if single_block else MAX_STREAMED_BLOCK
+        num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16  # <= 32 values of each input per thread
         adaptive_kd_kernel[(rows,)](
             student, teacher, grad, row_values, mask if mask is not None else row_values, scale,
             student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), cols,
             1.0 / temperature, temperature * temperature, float(alpha_min), float(alpha_max), float(clip),
-            math.log(clip), BRANCH_LO=branch_code(alpha_min), BRANCH_HI=branch_code(alpha_max),
-            SAME_ALPHA=alpha_min == alpha_max, HAS_MASK=mask is not None, COMPUTE_GRAD=compute_grad,
-            SURROGATE=surrogate, BLOCK=block)
+            math.log(clip), BRANCH_LO=branch_lo, BRANCH_HI=branch_hi,
+            SAME_ALPHA=alpha_min == alpha_max, NEED_LO=branch_lo != BRANCH_FORWARD_KL,
+            NEED_HI=branch_hi != BRANCH_FORWARD_KL and alpha_min != alpha_max, HAS_MASK=mask is not None,
+            COMPUTE_GRAD=compute_grad, SURROGATE=surrogate, SINGLE_BLOCK=single_block, BLOCK=block, num_warps=num_warps)
     if reduction == 0:
         return row_values.to(value_dtype), grad
     total = row_values.sum()

@@ -20,7 +20,8 @@ def on_gpu(*tensors):
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("alphas", [(-1.0, 1.0), (-2.0, 0.5), (0.0, 1.0), (1.0, 1.0)], ids=str)
 @pytest.mark.parametrize("kind", LOGIT_KINDS)
-@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (256, 1000), (7, 32000), (3, 262144)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (256, 1000), (5, 4000), (4, 16384), (7, 32000), (3, 262144)],
+                         ids=str)
 def test_gpu_backends_match_float64_reference(backend, shape, kind, alphas, gen):
     student, teacher = on_gpu(*make_logits(kind, *shape, gen))
     fn = functools.partial(ak.fused_adaptive_kd, backend=backend)
@@ -41,6 +42,19 @@ def test_bf16_llm_vocabulary_rows_within_half_percent(backend, kind, gen):
     torch.testing.assert_close(value[:64].double(), ref_value, rtol=2 ** -7, atol=1e-6)
     error = (grad[:64].double() - ref_grad).norm() / ref_grad.norm().clamp(min=1e-30)
     assert error <= 5e-3 or ref_grad.abs().max() < 1e-9
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_unaligned_views_and_half_precision_packs(backend, dtype, gen):
+    base_s, base_t = on_gpu(*make_logits("random", 6, 4097, gen, dtype=dtype))
+    eps = torch.finfo(dtype).eps if dtype != torch.float32 else 0.0
+    tolerances = dict(value_rtol=eps, value_atol=1e-6, grad_rtol=eps, grad_atol=2.0**-24) if eps else {}
+    fn = functools.partial(ak.fused_adaptive_kd, backend=backend)
+    for student, teacher in [(base_s[:, 1:], base_t[:, 1:]),        # rows start off 16-byte boundaries
+                             (base_s[:, :4096], base_t[:, :4096]),  # odd row stride: single elements
+                             (base_s[:, :4096].contiguous(), base_t[:, :4096].contiguous())]:  # packs
+        check_against_reference(fn, student, teacher, **tolerances)
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import alphadiv_kernels as ak
+from alphadiv_kernels import triton_adaptive_kd
 from conftest import LOGIT_KINDS, check_against_reference, make_logits
 
 pytestmark = pytest.mark.skipif("triton" not in ak.available_backends(), reason="Triton backend unavailable")
@@ -27,9 +28,20 @@ def test_triton_matches_float64_reference(shape, kind, alphas, gen):
     check_against_reference(triton_op, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1])
 
 
-def test_triton_streams_rows_longer_than_one_block(gen):
-    student, teacher = on_device(*make_logits("random", 2, 9000, gen))  # three 4096-column blocks
-    check_against_reference(triton_op, student, teacher)
+@pytest.mark.parametrize("alphas", [(-1.0, 1.0), (1.0, 2.0), (0.0, 0.0)], ids=str)
+@pytest.mark.parametrize("kind", ["random", "masked_classes", "huge_gaps"])
+def test_triton_streams_rows_longer_than_one_block(kind, alphas, gen, monkeypatch):
+    # the streamed path at interpreter-sized shapes: rows of 1000 columns in blocks of 128
+    monkeypatch.setattr(triton_adaptive_kd, "MAX_SINGLE_BLOCK", 256)
+    monkeypatch.setattr(triton_adaptive_kd, "MAX_STREAMED_BLOCK", 128)
+    student, teacher = on_device(*make_logits(kind, 2, 1000, gen))
+    check_against_reference(triton_op, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1])
+
+
+def test_triton_alpha_pairs_with_forward_kl_low_or_one_alpha(gen):
+    student, teacher = on_device(*make_logits("random", 5, 300, gen))
+    for alphas in [(1.0, 2.0), (0.0, 0.0), (-1.0, -1.0), (0.5, 0.5)]:
+        check_against_reference(triton_op, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1])
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])

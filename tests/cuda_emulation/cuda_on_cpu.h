@@ -1,0 +1,142 @@
+// CUDA's execution model on one CPU thread, enough to run csrc/cuda's kernels in tests without a GPU.
+//
+// A launch runs its blocks one after another. Each thread of a block is a fiber (ucontext) with its
+// own stack; a fiber runs until it waits at a barrier, then the next one runs. __syncthreads waits
+// for every thread of the block; __shfl_xor_sync exchanges values between the 32 lanes of a warp
+// through two warp barriers (write, then read). A barrier that can never complete (threads of a block
+// or warp that diverged around it, a kernel bug that hangs a real GPU) aborts with a message.
+// __shared__ variables are function statics: shared by the block, which is alone while it runs.
+//
+// Include after torch's headers and before the kernel's header.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned int x = 0, y = 0, z = 0;
+};
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace cuda_emulation {
+
+constexpr int kWarp = 32;
+constexpr size_t kStackBytes = 256 * 1024;
+
+struct Barrier {
+  int participants = 0;
+  int arrived = 0;
+  uint64_t generation = 0;
+};
+
+struct Block {
+  std::vector<ucontext_t> contexts;
+  std::vector<bool> finished;
+  ucontext_t scheduler;
+  int current = 0;
+  uint64_t progress = 0;  // completed barriers and finished threads
+  Barrier block_barrier;
+  std::vector<Barrier> warp_barriers;
+  std::vector<uint64_t> lane_values;  // one 8-byte slot per thread for shuffles
+  std::function<void()> body;
+};
+
+inline Block* running = nullptr;
+
+inline void yield_to_scheduler() { swapcontext(&running->contexts[running->current], &running->scheduler); }
+
+inline void wait(Barrier& barrier) {
+  const uint64_t generation = barrier.generation;
+  if (++barrier.arrived == barrier.participants) {
+    barrier.arrived = 0;
+    ++barrier.generation;
+    ++running->progress;
+    return;
+  }
+  while (barrier.generation == generation) yield_to_scheduler();
+}
+
+inline void fiber_entry() {
+  running->body();
+  running->finished[running->current] = true;
+  ++running->progress;
+}  // returns to uc_link: the scheduler
+
+// Runs kernel(args...) on `blocks` blocks of `threads` threads.
+template <typename Kernel, typename... Args>
+void launch(Kernel kernel, int64_t blocks, int threads, const Args&... args) {
+  if (threads % kWarp != 0) std::abort();
+  std::vector<std::unique_ptr<char[]>> stacks;
+  for (int i = 0; i < threads; ++i) stacks.emplace_back(new char[kStackBytes]);
+  blockDim = {static_cast<unsigned>(threads), 1, 1};
+  gridDim = {static_cast<unsigned>(blocks), 1, 1};
+  for (int64_t b = 0; b < blocks; ++b) {
+    Block block;
+    block.contexts.resize(threads);
+    block.finished.assign(threads, false);
+    block.block_barrier.participants = threads;
+    block.warp_barriers.assign(threads / kWarp, Barrier{kWarp});
+    block.lane_values.assign(threads, 0);
+    block.body = [&] { kernel(args...); };
+    running = &block;
+    blockIdx = {static_cast<unsigned>(b), 0, 0};
+    for (int i = 0; i < threads; ++i) {
+      getcontext(&block.contexts[i]);
+      block.contexts[i].uc_stack.ss_sp = stacks[i].get();
+      block.contexts[i].uc_stack.ss_size = kStackBytes;
+      block.contexts[i].uc_link = &block.scheduler;
+      makecontext(&block.contexts[i], fiber_entry, 0);
+    }
+    for (int live = threads; live > 0;) {
+      const uint64_t progress_before = block.progress;
+      live = 0;
+      for (int i = 0; i < threads; ++i) {
+        if (block.finished[i]) continue;
+        block.current = i;
+        threadIdx = {static_cast<unsigned>(i), 0, 0};
+        swapcontext(&block.scheduler, &block.contexts[i]);
+        live += !block.finished[i];
+      }
+      if (live > 0 && block.progress == progress_before) {
+        std::fprintf(stderr, "cuda_on_cpu: block %lld deadlocked: %d threads wait at a barrier the others never "
+                     "reach\n", static_cast<long long>(b), live);
+        std::abort();
+      }
+    }
+    running = nullptr;
+  }
+}
+
+}  // namespace cuda_emulation
+
+inline void __syncthreads() { cuda_emulation::wait(cuda_emulation::running->block_barrier); }
+
+template <typename T>
+T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask) {
+  static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 8 bytes here");
+  auto& block = *cuda_emulation::running;
+  const int thread = static_cast<int>(threadIdx.x);
+  const int warp_base = thread / cuda_emulation::kWarp * cuda_emulation::kWarp;
+  auto& barrier = block.warp_barriers[thread / cuda_emulation::kWarp];
+  std::memcpy(&block.lane_values[thread], &value, sizeof(T));
+  cuda_emulation::wait(barrier);
+  T other;
+  std::memcpy(&other, &block.lane_values[warp_base + ((thread - warp_base) ^ lane_mask)], sizeof(T));
+  cuda_emulation::wait(barrier);
+  return other;
+}

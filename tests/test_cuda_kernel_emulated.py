@@ -1,0 +1,141 @@
+"""The CUDA kernel against the float64 reference, run on the CPU with CUDA's thread model emulated.
+
+tests/cuda_emulation compiles csrc/cuda/adaptive_kd_cuda.cuh (the kernel, its launch plan and host
+wrapper) with g++ and runs every CUDA thread as a fiber: warp shuffles, __syncthreads, 128-bit packs,
+the register cache and the streamed remainder of long rows all execute as written. Shapes are chosen
+to reach each launch path: warp per row (packs or single elements), block per row with 1, 2, 4 or the
+maximum packs cached, rows longer than the cache, and the strided fallback.
+"""
+from __future__ import annotations
+
+import functools
+import pathlib
+
+import pytest
+import torch
+
+from alphadiv_kernels._validation import validate_kd_arguments
+from conftest import LOGIT_KINDS, check_against_reference, make_logits
+
+SOURCE = pathlib.Path(__file__).parent / "cuda_emulation" / "emulated_adaptive_kd.cpp"
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_kernel():
+    from torch.utils.cpp_extension import load
+    try:
+        return load(name="alphadiv_cuda_emulation", sources=[str(SOURCE)],
+                    extra_cflags=["-O1", "-Wno-unknown-pragmas"], verbose=False)
+    except (RuntimeError, OSError) as error:  # no compiler or ninja: say why instead of failing every case
+        pytest.skip(f"cannot build the CUDA emulation: {error}")
+
+
+class _EmulatedOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate):
+        loss, grad = emulated_kernel().adaptive_kd(student, teacher, mask, alpha_min, alpha_max, clip, temperature,
+                                                   reduction, surrogate, True)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        scale = grad_loss.unsqueeze(-1) if ctx.reduction == 0 else grad_loss
+        return (grad * scale,) + (None,) * 8
+
+
+def emulated_cuda_kd(student, teacher, *, alpha_min=-1.0, alpha_max=1.0, clip=5.0, temperature=1.0,
+                     reduction="mean", value="divergence", mask=None):
+    """fused_adaptive_kd's semantics on the emulated CUDA kernel."""
+    args = validate_kd_arguments(student, teacher, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
+                                 temperature=temperature, reduction=reduction, value=value, mask=mask)
+    loss = _EmulatedOp.apply(args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max),
+                             float(clip), float(temperature), args.reduction, args.surrogate)
+    return loss.reshape(args.leading_shape) if args.reduction == 0 else loss
+
+
+# (rows, cols) -> launch path for fp32: 13x37 warp, single elements, rows not a multiple of 8 rows per
+# block; 9x1000 warp, packs of 4, 8 cached; 3x2000 block, 1 pack; 2x4000 block, 2 packs; 2x8000 block,
+# 4 packs; 2x16384 block, 8 packs (whole row cached); 2x20000 block, 8 packs + streamed remainder;
+# 2x4099 block, single elements + streamed remainder.
+LAUNCH_PATH_SHAPES = [(1, 1), (7, 2), (13, 37), (9, 1000), (3, 2000), (2, 4000), (2, 8000), (2, 16384), (2, 20000), (2, 4099)]
+
+
+@pytest.mark.parametrize("alphas", [(-1.0, 1.0), (-2.0, 0.5), (0.0, 1.0), (1.0, 1.0)],
+                         ids=lambda a: f"alpha{a[0]:g},{a[1]:g}")
+@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("shape", [(1, 1), (7, 2), (13, 37), (9, 1000), (2, 4000)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_emulated_cuda_kernel_matches_float64_reference(shape, kind, alphas, gen):
+    student, teacher = make_logits(kind, *shape, gen)
+    check_against_reference(emulated_cuda_kd, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1])
+
+
+@pytest.mark.parametrize("shape", LAUNCH_PATH_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("kind", ["random", "confident_teacher", "masked_classes", "huge_gaps"])
+def test_emulated_cuda_kernel_every_launch_path(shape, kind, gen):
+    student, teacher = make_logits(kind, *shape, gen)
+    check_against_reference(emulated_cuda_kd, student, teacher, alpha_min=-2.0, alpha_max=0.5)
+
+
+@pytest.mark.parametrize("cols", [300, 6000])
+def test_emulated_cuda_alpha_pairs_with_forward_kl_low_or_one_alpha(cols, gen):
+    student, teacher = make_logits("random", 3, cols, gen)
+    for alphas in [(1.0, 2.0), (0.0, 0.0), (-1.0, -1.0), (0.5, 0.5)]:
+        check_against_reference(emulated_cuda_kd, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("value_mode", ["divergence", "surrogate"])
+@pytest.mark.parametrize("cols", [50, 1000, 6000])
+def test_emulated_cuda_reductions_value_modes_temperature_and_mask(reduction, value_mode, cols, gen):
+    rows = 11 if cols <= 1000 else 3
+    student, teacher = make_logits("random", rows, cols, gen)
+    mask = torch.rand(rows, generator=gen) < 0.6
+    mask[0], mask[-1] = True, False
+    for kwargs in (dict(temperature=2.0), dict(mask=mask), dict(mask=torch.zeros(rows, dtype=torch.bool))):
+        check_against_reference(emulated_cuda_kd, student, teacher, reduction=reduction, value=value_mode, **kwargs)
+
+
+@pytest.mark.parametrize("cols", [64, 3000])
+def test_emulated_cuda_strided_and_misaligned_inputs_take_the_element_path(cols, gen):
+    base_s, base_t = make_logits("random", 3, 2 * cols + 1, gen)
+    cases = {
+        "column stride 2": (base_s[:, ::2][:, :cols], base_t[:, ::2][:, :cols]),
+        "offset by one element": (base_s[:, 1:cols + 1], base_t[:, 1:cols + 1]),
+        "transposed": (base_s[:, :cols].t().contiguous().t(), base_t[:, :cols]),
+    }
+    for student, teacher in cases.values():
+        check_against_reference(emulated_cuda_kd, student, teacher)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("cols", [96, 1000, 3000, 20000])
+def test_emulated_cuda_half_precision_packs_within_one_rounding(dtype, cols, gen):
+    student, teacher = make_logits("random", 2, cols, gen, dtype=dtype)
+    eps = torch.finfo(dtype).eps
+    value, grad = check_against_reference(emulated_cuda_kd, student, teacher, value_rtol=eps, value_atol=1e-6,
+                                          grad_rtol=eps, grad_atol=2.0**-24 + 1e-7 / 2)
+    assert value.dtype == dtype and grad.dtype == dtype
+
+
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float16),
+                                    (torch.float64, torch.float64), (torch.float32, torch.float64)], ids=str)
+def test_emulated_cuda_mixed_and_double_precision(dtypes, gen):
+    student, teacher = make_logits("confident_teacher", 3, 1500, gen)
+    student, teacher = student.to(dtypes[0]), teacher.to(dtypes[1])
+    half_student = dtypes[0] == torch.bfloat16  # the gradient is rounded to bf16 once
+    value, grad = check_against_reference(emulated_cuda_kd, student, teacher,
+                                          grad_rtol=torch.finfo(dtypes[0]).eps if half_student else 1e-4,
+                                          grad_atol=1e-6 if half_student else None)
+    assert value.dtype == torch.promote_types(*dtypes) and grad.dtype == dtypes[0]
+
+
+def test_emulated_cuda_no_rows_and_no_gradient():
+    empty = torch.zeros(0, 5)
+    value, grad = emulated_kernel().adaptive_kd(empty, empty, None, -1.0, 1.0, 5.0, 1.0, 1, False, True)
+    assert value.item() == 0 and grad.shape == (0, 5)
+    student, teacher = torch.randn(4, 300), torch.randn(4, 300)
+    value, grad = emulated_kernel().adaptive_kd(student, teacher, None, -1.0, 1.0, 5.0, 1.0, 2, False, False)
+    assert grad.numel() == 0 and torch.isfinite(value)
