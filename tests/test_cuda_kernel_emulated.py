@@ -30,11 +30,15 @@ def emulated_kernel():
         pytest.skip(f"cannot build the CUDA emulation: {error}")
 
 
+H100_SHARED_BYTES = 227 * 1024 - 2048  # what the CUDA launcher offers a block on an H100
+
+
 class _EmulatedOp(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate):
+    def forward(ctx, student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate,
+                shared_bytes):
         loss, grad = emulated_kernel().adaptive_kd(student, teacher, mask, alpha_min, alpha_max, clip, temperature,
-                                                   reduction, surrogate, True)
+                                                   reduction, surrogate, True, shared_bytes)
         ctx.save_for_backward(grad)
         ctx.reduction = reduction
         return loss
@@ -43,23 +47,23 @@ class _EmulatedOp(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         scale = grad_loss.unsqueeze(-1) if ctx.reduction == 0 else grad_loss
-        return (grad * scale,) + (None,) * 8
+        return (grad * scale,) + (None,) * 9
 
 
 def emulated_cuda_kd(student, teacher, *, alpha_min=-1.0, alpha_max=1.0, clip=5.0, temperature=1.0,
-                     reduction="mean", value="divergence", mask=None):
-    """fused_adaptive_kd's semantics on the emulated CUDA kernel."""
+                     reduction="mean", value="divergence", mask=None, shared_bytes=H100_SHARED_BYTES):
+    """fused_adaptive_kd's semantics on the emulated CUDA kernel, with `shared_bytes` of shared memory."""
     args = validate_kd_arguments(student, teacher, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
                                  temperature=temperature, reduction=reduction, value=value, mask=mask)
     loss = _EmulatedOp.apply(args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max),
-                             float(clip), float(temperature), args.reduction, args.surrogate)
+                             float(clip), float(temperature), args.reduction, args.surrogate, shared_bytes)
     return loss.reshape(args.leading_shape) if args.reduction == 0 else loss
 
 
 # (rows, cols) -> launch path for fp32: 13x37 warp, single elements, rows not a multiple of 8 rows per
-# block; 9x1000 warp, packs of 4, 8 cached; 3x2000 block, 1 pack; 2x4000 block, 2 packs; 2x8000 block,
-# 4 packs; 2x16384 block, 8 packs (whole row cached); 2x20000 block, 8 packs + streamed remainder;
-# 2x4099 block, single elements + streamed remainder.
+# block; 9x1000 warp, packs of 4, 8 in registers; 3x2000 block, 1 pack; 2x4000 block, 2 packs; 2x8000
+# block, 4 packs; 2x16384 block, 8 packs (the whole row in registers); 2x20000 block, 8 packs + 2 in
+# shared memory; 2x4099 block, single elements, 8 in registers + 1 in shared memory.
 LAUNCH_PATH_SHAPES = [(1, 1), (7, 2), (13, 37), (9, 1000), (3, 2000), (2, 4000), (2, 8000), (2, 16384), (2, 20000), (2, 4099)]
 
 
@@ -77,6 +81,30 @@ def test_emulated_cuda_kernel_matches_float64_reference(shape, kind, alphas, gen
 def test_emulated_cuda_kernel_every_launch_path(shape, kind, gen):
     student, teacher = make_logits(kind, *shape, gen)
     check_against_reference(emulated_cuda_kd, student, teacher, alpha_min=-2.0, alpha_max=0.5)
+
+
+# (dtype, cols, shared bytes): the row split between registers, shared memory and the streamed rest.
+# A round of packs (one per thread of 512) of both inputs is 16 KB in packs, 2 KB/4 KB as fp16/fp32 elements.
+TIERS = [
+    (torch.float32, 20000, 0),          # 8 packs per thread in registers, 2 streamed
+    (torch.float32, 20000, 16384),      # 8 in registers, 1 in shared memory, 1 streamed
+    (torch.float32, 20000, 65536),      # 8 in registers, 2 in shared memory: the row on chip
+    (torch.bfloat16, 40000, 32768),     # 4 in registers, 2 in shared memory, 4 streamed
+    (torch.float32, 9001, 16384),       # single elements: 8 in registers, 4 in shared memory, 6 streamed
+    (torch.float16, 9001, 4096),        # single elements: 8 in registers, 2 in shared memory, 8 streamed
+]
+
+
+@pytest.mark.parametrize("dtype,cols,shared_bytes", TIERS, ids=lambda x: str(x).replace("torch.", ""))
+@pytest.mark.parametrize("alphas", [(-1.0, 1.0), (-2.0, 0.5)], ids=str)
+def test_emulated_cuda_rows_split_between_registers_shared_memory_and_stream(dtype, cols, shared_bytes, alphas, gen):
+    student, teacher = make_logits("confident_teacher", 2, cols, gen, dtype=dtype)
+    tolerances = {}
+    if dtype != torch.float32:
+        eps = torch.finfo(dtype).eps
+        tolerances = dict(value_rtol=eps, value_atol=1e-6, grad_rtol=eps, grad_atol=2.0**-24 + 1e-7 / 2)
+    fn = functools.partial(emulated_cuda_kd, shared_bytes=shared_bytes)
+    check_against_reference(fn, student, teacher, alpha_min=alphas[0], alpha_max=alphas[1], **tolerances)
 
 
 @pytest.mark.parametrize("cols", [300, 6000])
@@ -134,8 +162,8 @@ def test_emulated_cuda_mixed_and_double_precision(dtypes, gen):
 
 def test_emulated_cuda_no_rows_and_no_gradient():
     empty = torch.zeros(0, 5)
-    value, grad = emulated_kernel().adaptive_kd(empty, empty, None, -1.0, 1.0, 5.0, 1.0, 1, False, True)
+    value, grad = emulated_kernel().adaptive_kd(empty, empty, None, -1.0, 1.0, 5.0, 1.0, 1, False, True, 0)
     assert value.item() == 0 and grad.shape == (0, 5)
     student, teacher = torch.randn(4, 300), torch.randn(4, 300)
-    value, grad = emulated_kernel().adaptive_kd(student, teacher, None, -1.0, 1.0, 5.0, 1.0, 2, False, False)
+    value, grad = emulated_kernel().adaptive_kd(student, teacher, None, -1.0, 1.0, 5.0, 1.0, 2, False, False, 0)
     assert grad.numel() == 0 and torch.isfinite(value)

@@ -17,12 +17,22 @@ std::tuple<at::Tensor, at::Tensor> adaptive_kd_cuda(const at::Tensor& student, c
                                                     int64_t reduction, bool surrogate, bool compute_grad) {
   const c10::cuda::CUDAGuard guard(student.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto launch = [stream](auto kernel, int64_t blocks, int threads, const auto&... args) {
-    kernel<<<static_cast<unsigned int>(blocks), threads, 0, stream>>>(args...);
+  // Shared memory a block may opt in to (H100: 227 KB), less a margin for the kernel's static shared
+  // memory (reductions) and the driver's reserve.
+  int optin_shared_bytes = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin_shared_bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        student.device().index()));
+  const int64_t max_shared_bytes = int64_t(optin_shared_bytes) - 2048;
+  const auto launch = [stream](auto kernel, int64_t blocks, int threads, int64_t shared_bytes, const auto&... args) {
+    if (shared_bytes > 48 * 1024) {  // beyond the default limit a kernel must opt in
+      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(shared_bytes)));
+    }
+    kernel<<<static_cast<unsigned int>(blocks), threads, static_cast<size_t>(shared_bytes), stream>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   return cuda_kd::adaptive_kd_rows(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction,
-                                   surrogate, compute_grad, launch);
+                                   surrogate, compute_grad, max_shared_bytes, launch);
 }
 
 }  // namespace

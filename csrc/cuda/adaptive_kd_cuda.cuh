@@ -2,15 +2,17 @@
 //
 // nvcc compiles this header into the CUDA extension (adaptive_kd_cuda.cu supplies the <<<>>> launch);
 // the CPU test in tests/cuda_emulation compiles the same code with CUDA's thread model emulated, so
-// the indexing, the vector packs, the register cache and every reduction are tested without a GPU.
+// the indexing, the vector packs, the register and shared-memory caches and every reduction are
+// tested without a GPU.
 //
-// Layout. A row is handled by a warp (rows of up to 1024 columns) or by a block
-// of 512 threads. Columns are read in packs of 16 bytes (4 fp32 or 8 fp16/bf16 values, one 128-bit
+// Layout. A row is handled by a warp (rows of up to 1024 columns) or by a block of 512 threads.
+// Columns are read in packs of 16 bytes (4 fp32 or 8 fp16/bf16 values, one 128-bit
 // load) when both inputs share a dtype, have unit column stride and are 16-byte aligned, else one
-// element at a time with any strides. Each thread loads up to 32 elements (at most 8 packs) of each
-// input into registers once: rows of up to 16384 columns (fp32, fp16, bf16 in packs) are read from
-// memory exactly once. Longer rows keep that prefix in registers and stream the rest in chunks of
-// one pack per thread, re-read from L2 by the later sweeps. All offsets are int64.
+// element at a time with any strides. The row is read from memory once into on-chip storage where it
+// fits: up to 32 elements (at most 8 packs) of each input per thread in registers (rows of up to 16384
+// columns in packs), then, for a block per row, as many further packs as the device's shared memory
+// per block holds (H100: 227 KB, another 57344 bf16 or 28672 fp32 columns). The rest of a longer row is
+// streamed in chunks of one pack per thread and re-read from L2 by the later sweeps. int64 offsets.
 //
 // Math (details in ../adaptive_kd_math.h). With xs = s/T - max_s, xt = t/T - max_t, four sweeps over
 // the row, each followed by one reduction over the row's threads (warp shuffles, then shared memory
@@ -30,6 +32,7 @@
 #include <ATen/Dispatch.h>
 
 #include <cmath>
+#include <algorithm>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -102,6 +105,7 @@ __device__ __forceinline__ void group_reduce(acc_t (&values)[kN], acc_t* shared)
 template <typename acc_t>
 struct Params {
   int64_t rows, cols, s_row_stride, s_col_stride, t_row_stride, t_col_stride;
+  int64_t shared_packs;  // packs of each input per thread kept in dynamic shared memory
   acc_t inv_temperature, temperature, t_squared, alpha_lo, alpha_hi, clip, log_clip;
   Branch branch_lo, branch_hi;
   bool same_alpha, surrogate;
@@ -120,6 +124,13 @@ __device__ __forceinline__ acc_t clipped_weight(Branch branch, acc_t xs, acc_t x
   const acc_t scaled = log_w * alpha;
   return device_expm1(scaled < p.log_clip ? scaled : p.log_clip);
 }
+
+#ifndef ALPHADIV_CUDA_EMULATION
+__device__ __forceinline__ unsigned char* dynamic_shared_memory() {
+  extern __shared__ __align__(16) unsigned char dynamic_shared[];
+  return dynamic_shared;
+}
+#endif
 
 // kVec consecutive columns: one 16-byte load when kVec * sizeof(T) == 16.
 template <typename T, int kVec>
@@ -171,15 +182,31 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
     if constexpr (kVec == 1) return TeacherPack{{t[k * p.t_col_stride]}};
     else return reinterpret_cast<const TeacherPack*>(t)[k];
   };
-  // Pack k of the row belongs to thread k % kGroup; its first kCached packs stay in registers.
+  // This thread owns packs i * kGroup + lane for i < owned: the first kCached stay in registers, the
+  // next p.shared_packs in shared memory (slot (i - kCached) * kGroup + lane: each thread reads back
+  // only its own), the rest are streamed. The shared and streamed loops have no early exits and unroll
+  // by 4, so a thread has four loads of each input in flight instead of one.
+  const int64_t owned = lane < packs ? (packs - lane + kGroup - 1) / kGroup : 0;
+  const int64_t shared_end = owned < kCached + p.shared_packs ? owned : kCached + p.shared_packs;
   StudentPack cached_s[kCached];
   TeacherPack cached_t[kCached];
 #pragma unroll
   for (int i = 0; i < kCached; ++i) {
-    const int64_t k = int64_t(i) * kGroup + lane;
-    if (k < packs) {
-      cached_s[i] = load_student(k);
-      cached_t[i] = load_teacher(k);
+    if (i < owned) {
+      cached_s[i] = load_student(int64_t(i) * kGroup + lane);
+      cached_t[i] = load_teacher(int64_t(i) * kGroup + lane);
+    }
+  }
+  StudentPack* shared_s = nullptr;
+  TeacherPack* shared_t = nullptr;
+  if (p.shared_packs > 0) {
+    shared_s = reinterpret_cast<StudentPack*>(dynamic_shared_memory());
+    shared_t = reinterpret_cast<TeacherPack*>(shared_s + p.shared_packs * kGroup);
+#pragma unroll 4
+    for (int64_t i = kCached; i < shared_end; ++i) {
+      const int64_t slot = (i - kCached) * kGroup + lane;
+      shared_s[slot] = load_student(i * kGroup + lane);
+      shared_t[slot] = load_teacher(i * kGroup + lane);
     }
   }
   // Calls visit(k, xs, xt) for each pack k of this thread, with xs = s/T and xt = t/T in acc_t.
@@ -194,15 +221,20 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
     };
 #pragma unroll
     for (int i = 0; i < kCached; ++i) {
-      const int64_t k = int64_t(i) * kGroup + lane;
-      if (k < packs) {
+      if (i < owned) {
         convert(cached_s[i], cached_t[i]);
-        visit(k, xs, xt);
+        visit(int64_t(i) * kGroup + lane, xs, xt);
       }
     }
-    for (int64_t k = int64_t(kCached) * kGroup + lane; k < packs; k += kGroup) {
-      convert(load_student(k), load_teacher(k));
-      visit(k, xs, xt);
+    for (int64_t i = kCached; i < shared_end; ++i) {
+      const int64_t slot = (i - kCached) * kGroup + lane;
+      convert(shared_s[slot], shared_t[slot]);
+      visit(i * kGroup + lane, xs, xt);
+    }
+#pragma unroll 4
+    for (int64_t i = kCached + p.shared_packs; i < owned; ++i) {
+      convert(load_student(i * kGroup + lane), load_teacher(i * kGroup + lane));
+      visit(i * kGroup + lane, xs, xt);
     }
   };
 
@@ -321,13 +353,22 @@ struct Pointers {
   const void* grad_scale;
 };
 
-// Launches adaptive_kd_kernel<kGroup, kVec, kCached> through `launch(kernel, blocks, threads, args...)`.
+// Launches adaptive_kd_kernel<kGroup, kVec, kCached> through
+// `launch(kernel, blocks, threads, shared_bytes, args...)`. A block per row also keeps in shared memory
+// the packs beyond the registers, as many as `max_shared_bytes` holds.
 template <int kGroup, int kVec, int kCached, typename acc_t, typename student_t, typename teacher_t, typename Launch>
-void launch_instance(const Params<acc_t>& params, const Pointers& ptr, Launch&& launch) {
+void launch_instance(Params<acc_t> params, const Pointers& ptr, int64_t max_shared_bytes, Launch&& launch) {
   constexpr int kThreads = kGroup > kWarp ? kGroup : kWarpRowThreads;
   constexpr int kRowsPerBlock = kThreads / kGroup;
+  constexpr int64_t kBytesPerPackRound = int64_t(kGroup) * kVec * (sizeof(student_t) + sizeof(teacher_t));
   const int64_t blocks = (params.rows + kRowsPerBlock - 1) / kRowsPerBlock;
-  launch(&adaptive_kd_kernel<kGroup, kVec, kCached, acc_t, student_t, teacher_t>, blocks, kThreads, params,
+  const int64_t packs_beyond_registers = (params.cols / kVec + kGroup - 1) / kGroup - kCached;
+  params.shared_packs = kGroup > kWarp && packs_beyond_registers > 0
+                            ? std::min(packs_beyond_registers, max_shared_bytes / kBytesPerPackRound)
+                            : 0;
+  const int64_t shared_bytes = params.shared_packs * kBytesPerPackRound;
+  launch(&adaptive_kd_kernel<kGroup, kVec, kCached, acc_t, student_t, teacher_t>, blocks, kThreads, shared_bytes,
+         params,
          static_cast<const student_t*>(ptr.student), static_cast<const teacher_t*>(ptr.teacher),
          static_cast<student_t*>(ptr.grad), static_cast<acc_t*>(ptr.row_values), ptr.mask,
          static_cast<const acc_t*>(ptr.grad_scale));
@@ -336,15 +377,21 @@ void launch_instance(const Params<acc_t>& params, const Pointers& ptr, Launch&& 
 // The smallest register cache (1, 2, 4 or the maximum packs per thread) that holds the row, else the
 // maximum with the rest streamed: fewer registers for short rows keep more blocks resident.
 template <int kGroup, int kVec, typename acc_t, typename student_t, typename teacher_t, typename Launch>
-void launch_cached(const Params<acc_t>& params, const Pointers& ptr, Launch&& launch) {
+void launch_cached(const Params<acc_t>& params, const Pointers& ptr, int64_t max_shared_bytes, Launch&& launch) {
   constexpr int kMost = kMaxCachedPacks<kVec>;
   const int64_t packs_per_thread = (params.cols / kVec + kGroup - 1) / kGroup;
-  if (packs_per_thread <= 1) return launch_instance<kGroup, kVec, 1, acc_t, student_t, teacher_t>(params, ptr, launch);
-  if (packs_per_thread <= 2) return launch_instance<kGroup, kVec, 2, acc_t, student_t, teacher_t>(params, ptr, launch);
-  if constexpr (kMost > 4) {
-    if (packs_per_thread <= 4) return launch_instance<kGroup, kVec, 4, acc_t, student_t, teacher_t>(params, ptr, launch);
+  if (packs_per_thread <= 1) {
+    return launch_instance<kGroup, kVec, 1, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes, launch);
   }
-  launch_instance<kGroup, kVec, kMost, acc_t, student_t, teacher_t>(params, ptr, launch);
+  if (packs_per_thread <= 2) {
+    return launch_instance<kGroup, kVec, 2, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes, launch);
+  }
+  if constexpr (kMost > 4) {
+    if (packs_per_thread <= 4) {
+      return launch_instance<kGroup, kVec, 4, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes, launch);
+    }
+  }
+  launch_instance<kGroup, kVec, kMost, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes, launch);
 }
 
 // Whether rows can be read in 16-byte packs: unit column strides, pack-aligned rows and bases.
@@ -359,33 +406,37 @@ bool can_use_packs(const at::Tensor& student, const at::Tensor& teacher) {
 
 template <typename acc_t, typename student_t, typename teacher_t, typename Launch>
 void launch_rows(const Params<acc_t>& params, const at::Tensor& student, const at::Tensor& teacher,
-                 const Pointers& ptr, Launch&& launch) {
+                 const Pointers& ptr, int64_t max_shared_bytes, Launch&& launch) {
   // Packs for one dtype of 2 or 4 bytes in both inputs; otherwise single elements with any strides.
   if constexpr (std::is_same_v<student_t, teacher_t> && sizeof(student_t) <= 4) {
     constexpr int kVec = kPackBytes / sizeof(student_t);
     if (can_use_packs<kVec>(student, teacher)) {
       if (params.cols / kVec <= int64_t(kWarp) * kMaxCachedPacks<kVec>) {
-        return launch_cached<kWarp, kVec, acc_t, student_t, teacher_t>(params, ptr, launch);
+        return launch_cached<kWarp, kVec, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes, launch);
       }
-      return launch_cached<kBlockRowThreads, kVec, acc_t, student_t, teacher_t>(params, ptr, launch);
+      return launch_cached<kBlockRowThreads, kVec, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes,
+                                                                                launch);
     }
   }
   if (params.cols <= kWarpRowMaxCols) {
-    return launch_instance<kWarp, 1, kMaxCachedPacks<1>, acc_t, student_t, teacher_t>(params, ptr, launch);
+    return launch_instance<kWarp, 1, kMaxCachedPacks<1>, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes,
+                                                                                     launch);
   }
-  launch_instance<kBlockRowThreads, 1, kMaxCachedPacks<1>, acc_t, student_t, teacher_t>(params, ptr, launch);
+  launch_instance<kBlockRowThreads, 1, kMaxCachedPacks<1>, acc_t, student_t, teacher_t>(params, ptr, max_shared_bytes,
+                                                                                        launch);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Host wrapper: the op's semantics around the kernel; `launch` runs a kernel instance on the
-// current device and stream (or, in the CPU test, in CUDA's emulated thread model).
+// current device and stream (or, in the CPU test, in CUDA's emulated thread model), with up to
+// `max_shared_bytes` of dynamic shared memory per block.
 
 template <typename Launch>
 std::tuple<at::Tensor, at::Tensor> adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher,
                                                     const std::optional<at::Tensor>& mask, double alpha_min,
                                                     double alpha_max, double clip, double temperature,
                                                     int64_t reduction, bool surrogate, bool compute_grad,
-                                                    Launch&& launch) {
+                                                    int64_t max_shared_bytes, Launch&& launch) {
   check_arguments(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction);
   const int64_t rows = student.size(0), cols = student.size(1);
   TORCH_CHECK_VALUE(rows <= std::numeric_limits<int32_t>::max(), "at most 2^31 - 1 rows, got ", rows);
@@ -413,11 +464,11 @@ std::tuple<at::Tensor, at::Tensor> adaptive_kd_rows(const at::Tensor& student, c
         const auto run = [&](auto acc) {
           using acc_t = decltype(acc);
           const Params<acc_t> params{rows, cols, student.stride(0), student.stride(1), teacher.stride(0),
-                                     teacher.stride(1), acc_t(1.0 / temperature), acc_t(temperature),
+                                     teacher.stride(1), 0, acc_t(1.0 / temperature), acc_t(temperature),
                                      acc_t(temperature * temperature), acc_t(alpha_min), acc_t(alpha_max), acc_t(clip),
                                      acc_t(std::log(clip)), classify_alpha(alpha_min), classify_alpha(alpha_max),
                                      alpha_min == alpha_max, surrogate};
-          launch_rows<acc_t, student_t, teacher_t>(params, student, teacher, ptr, launch);
+          launch_rows<acc_t, student_t, teacher_t>(params, student, teacher, ptr, max_shared_bytes, launch);
         };
         // fp64 accumulation exactly when an input is fp64 (value_dtype is then double)
         if constexpr (std::is_same_v<student_t, double> || std::is_same_v<teacher_t, double>) run(double{});

@@ -5,7 +5,8 @@
 // for every thread of the block; __shfl_xor_sync exchanges values between the 32 lanes of a warp
 // through two warp barriers (write, then read). A barrier that can never complete (threads of a block
 // or warp that diverged around it, a kernel bug that hangs a real GPU) aborts with a message.
-// __shared__ variables are function statics: shared by the block, which is alone while it runs.
+// __shared__ variables are function statics: shared by the block, which is alone while it runs;
+// dynamic shared memory is a per-block buffer returned by dynamic_shared_memory().
 //
 // Include after torch's headers and before the kernel's header.
 #pragma once
@@ -21,6 +22,7 @@
 #include <memory>
 #include <vector>
 
+#define ALPHADIV_CUDA_EMULATION 1
 #define __global__
 #define __device__
 #define __host__
@@ -53,6 +55,7 @@ struct Block {
   Barrier block_barrier;
   std::vector<Barrier> warp_barriers;
   std::vector<uint64_t> lane_values;  // one 8-byte slot per thread for shuffles
+  std::vector<uint64_t> dynamic_shared;  // 8-byte aligned
   std::function<void()> body;
 };
 
@@ -77,9 +80,10 @@ inline void fiber_entry() {
   ++running->progress;
 }  // returns to uc_link: the scheduler
 
-// Runs kernel(args...) on `blocks` blocks of `threads` threads.
+// Runs kernel(args...) on `blocks` blocks of `threads` threads with `shared_bytes` of dynamic shared
+// memory, filled with a NaN pattern so that reading a slot nobody wrote shows up in results.
 template <typename Kernel, typename... Args>
-void launch(Kernel kernel, int64_t blocks, int threads, const Args&... args) {
+void launch(Kernel kernel, int64_t blocks, int threads, int64_t shared_bytes, const Args&... args) {
   if (threads % kWarp != 0) std::abort();
   std::vector<std::unique_ptr<char[]>> stacks;
   for (int i = 0; i < threads; ++i) stacks.emplace_back(new char[kStackBytes]);
@@ -92,6 +96,7 @@ void launch(Kernel kernel, int64_t blocks, int threads, const Args&... args) {
     block.block_barrier.participants = threads;
     block.warp_barriers.assign(threads / kWarp, Barrier{kWarp});
     block.lane_values.assign(threads, 0);
+    block.dynamic_shared.assign((shared_bytes + 7) / 8, 0x7ff87ff87ff87ff8ull);
     block.body = [&] { kernel(args...); };
     running = &block;
     blockIdx = {static_cast<unsigned>(b), 0, 0};
@@ -123,6 +128,10 @@ void launch(Kernel kernel, int64_t blocks, int threads, const Args&... args) {
 }
 
 }  // namespace cuda_emulation
+
+inline unsigned char* dynamic_shared_memory() {
+  return reinterpret_cast<unsigned char*>(cuda_emulation::running->dynamic_shared.data());
+}
 
 inline void __syncthreads() { cuda_emulation::wait(cuda_emulation::running->block_barrier); }
 
