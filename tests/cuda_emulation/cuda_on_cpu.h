@@ -1,7 +1,8 @@
 // CUDA's execution model on one CPU thread, enough to run csrc/cuda's kernels in tests without a GPU.
 //
 // A launch runs its blocks one after another. Each thread of a block is a fiber (ucontext) with its
-// own stack; a fiber runs until it waits at a barrier, then the next one runs. __syncthreads waits
+// own stack; a fiber runs until it waits at a barrier, then another one runs. Warps are scheduled
+// unfairly on purpose (see launch) so that a missing barrier (a read racing a write) changes results. __syncthreads waits
 // for every thread of the block; __shfl_xor_sync exchanges values between the 32 lanes of a warp
 // through two warp barriers (write, then read). A barrier that can never complete (threads of a block
 // or warp that diverged around it, a kernel bug that hangs a real GPU) aborts with a message.
@@ -13,6 +14,7 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -20,6 +22,8 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #define ALPHADIV_CUDA_EMULATION 1
@@ -107,16 +111,30 @@ void launch(Kernel kernel, int64_t blocks, int threads, int64_t shared_bytes, co
       block.contexts[i].uc_link = &block.scheduler;
       makecontext(&block.contexts[i], fiber_entry, 0);
     }
+    // Warps run in a random priority order, each as far as it can before the next: the last warp to
+    // reach a __syncthreads runs on past it while the others still wait, so a missing barrier shows.
+    const int warps = threads / kWarp;
+    std::mt19937 shuffler(static_cast<uint32_t>(b));
+    std::vector<int> warp_order(warps), lanes(kWarp);
+    std::iota(warp_order.begin(), warp_order.end(), 0);
+    std::iota(lanes.begin(), lanes.end(), 0);
+    std::shuffle(warp_order.begin(), warp_order.end(), shuffler);
     for (int live = threads; live > 0;) {
       const uint64_t progress_before = block.progress;
-      live = 0;
-      for (int i = 0; i < threads; ++i) {
-        if (block.finished[i]) continue;
-        block.current = i;
-        threadIdx = {static_cast<unsigned>(i), 0, 0};
-        swapcontext(&block.scheduler, &block.contexts[i]);
-        live += !block.finished[i];
+      for (const int warp : warp_order) {
+        for (uint64_t warp_progress = ~uint64_t(0); warp_progress != block.progress;) {
+          warp_progress = block.progress;
+          std::shuffle(lanes.begin(), lanes.end(), shuffler);
+          for (const int lane : lanes) {
+            const int i = warp * kWarp + lane;
+            if (block.finished[i]) continue;
+            block.current = i;
+            threadIdx = {static_cast<unsigned>(i), 0, 0};
+            swapcontext(&block.scheduler, &block.contexts[i]);
+          }
+        }
       }
+      live = static_cast<int>(std::count(block.finished.begin(), block.finished.end(), false));
       if (live > 0 && block.progress == progress_before) {
         std::fprintf(stderr, "cuda_on_cpu: block %lld deadlocked: %d threads wait at a barrier the others never "
                      "reach\n", static_cast<long long>(b), live);
