@@ -106,10 +106,11 @@ if triton is not None:
         return statistic / (alpha * (alpha - 1.0))
 
     @triton.jit
-    def adaptive_kd_kernel(S, T, G, ROW_VALUES, MASK, SCALE, s_stride_row, s_stride_col, t_stride_row, t_stride_col,
-                           C, inv_t, t_squared, alpha_lo, alpha_hi, clip, log_clip,
-                           BRANCH_LO: tl.constexpr, BRANCH_HI: tl.constexpr, SAME_ALPHA: tl.constexpr,
-                           NEED_LO: tl.constexpr, NEED_HI: tl.constexpr, HAS_MASK: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SURROGATE: tl.constexpr,
+    def adaptive_kd_kernel(S, T, G, ROW_VALUES, MASK, DEVICE_ROW_WEIGHT, s_stride_row, s_stride_col, t_stride_row,
+                           t_stride_col, C, inv_t, temperature, t_squared, row_weight, alpha_lo, alpha_hi, clip,
+                           log_clip, BRANCH_LO: tl.constexpr, BRANCH_HI: tl.constexpr, SAME_ALPHA: tl.constexpr,
+                           NEED_LO: tl.constexpr, NEED_HI: tl.constexpr, HAS_MASK: tl.constexpr,
+                           HAS_DEVICE_ROW_WEIGHT: tl.constexpr, COMPUTE_GRAD: tl.constexpr, SURROGATE: tl.constexpr,
                            SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         s_row = S + row * s_stride_row
@@ -118,6 +119,9 @@ if triton is not None:
         if HAS_MASK:
             keep = tl.load(MASK + row) != 0
         offsets = tl.arange(0, BLOCK)
+        weight = row_weight
+        if HAS_DEVICE_ROW_WEIGHT:
+            weight = tl.load(DEVICE_ROW_WEIGHT).to(tl.float32)
         if keep:
             # a row of one block is read once and kept in registers for every sweep
             cached_s = tl.zeros([BLOCK], dtype=tl.float32)
@@ -178,7 +182,7 @@ if triton is not None:
             value = tl.where(use_lo, d_lo, d_hi)
             # sweep 4: gradient (and surrogate) of the chosen branch
             if COMPUTE_GRAD or SURROGATE:
-                scale = tl.load(SCALE).to(tl.float32) * tl.sqrt(t_squared)  # reduction weight x T
+                scale = weight * temperature
                 surrogate = tl.zeros([BLOCK], dtype=tl.float32)
                 stat = tl.where(use_lo, stat_lo, stat_hi)
                 for start in range(0, C, BLOCK):
@@ -200,7 +204,7 @@ if triton is not None:
                         surrogate += tl.where(seen == 0.0, 0.0, -q_rho * (xs - log_zs))
                 if SURROGATE:
                     value = tl.sum(surrogate, axis=0)
-            tl.store(ROW_VALUES + row, value * t_squared)
+            tl.store(ROW_VALUES + row, value * t_squared * weight)
         else:
             tl.store(ROW_VALUES + row, 0.0)
             if COMPUTE_GRAD:
@@ -232,28 +236,27 @@ def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
         raise TypeError("the Triton backend computes in fp32; use backend='cpu' or 'reference' for float64")
     row_values = torch.empty(rows, device=student.device, dtype=torch.float32)
     grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
-    # Row weight of the gradient, on the device (no sync): 1 / valid rows for the mean (a mean over
-    # no rows is 0), else 1. The mean value below uses the same weight.
+    # Row weight of every row's value and gradient: 1 / valid rows for a mean (a mean over no rows is
+    # 0), else 1, so a reduced loss is one sum. A masked mean's weight stays on the device (no sync).
+    row_weight = 1.0 / rows if reduction == 1 and rows > 0 else 1.0
+    device_row_weight = None
     if reduction == 1 and mask is not None:
-        scale = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
-    else:
-        scale = torch.full((1,), 1.0 / max(rows, 1) if reduction == 1 else 1.0, device=student.device)
+        device_row_weight = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
     if rows > 0:
         branch_lo, branch_hi = branch_code(alpha_min), branch_code(alpha_max)
         single_block = cols <= MAX_SINGLE_BLOCK
         block = triton.next_power_of_2(cols) if single_block else MAX_STREAMED_BLOCK
         num_warps = 4 if block <= 2048 else 8 if block <= 8192 else 16  # <= 32 values of each input per thread
         adaptive_kd_kernel[(rows,)](
-            student, teacher, grad, row_values, mask if mask is not None else row_values, scale,
+            student, teacher, grad, row_values, mask if mask is not None else row_values,
+            device_row_weight if device_row_weight is not None else row_values,
             student.stride(0), student.stride(1), teacher.stride(0), teacher.stride(1), cols,
-            1.0 / temperature, temperature * temperature, float(alpha_min), float(alpha_max), float(clip),
-            math.log(clip), BRANCH_LO=branch_lo, BRANCH_HI=branch_hi,
+            1.0 / temperature, float(temperature), temperature * temperature, row_weight, float(alpha_min),
+            float(alpha_max), float(clip), math.log(clip), BRANCH_LO=branch_lo, BRANCH_HI=branch_hi,
             SAME_ALPHA=alpha_min == alpha_max, NEED_LO=branch_lo != BRANCH_FORWARD_KL,
             NEED_HI=branch_hi != BRANCH_FORWARD_KL and alpha_min != alpha_max, HAS_MASK=mask is not None,
-            COMPUTE_GRAD=compute_grad, SURROGATE=surrogate, SINGLE_BLOCK=single_block, BLOCK=block, num_warps=num_warps)
+            HAS_DEVICE_ROW_WEIGHT=device_row_weight is not None, COMPUTE_GRAD=compute_grad, SURROGATE=surrogate,
+            SINGLE_BLOCK=single_block, BLOCK=block, num_warps=num_warps)
     if reduction == 0:
         return row_values.to(value_dtype), grad
-    total = row_values.sum()
-    if reduction == 1:
-        total = total * scale[0]
-    return total.to(value_dtype), grad
+    return row_values.sum().to(value_dtype), grad

@@ -67,7 +67,8 @@ def emulated_cuda_kd(student, teacher, *, alpha_min=-1.0, alpha_max=1.0, clip=5.
 # block; 9x1000 warp, packs of 4, 8 in registers; 3x2000 block, 1 pack; 2x4000 block, 2 packs; 2x8000
 # block, 4 packs; 2x16384 block, 8 packs (the whole row in registers); 2x20000 block, 8 packs + 2 in
 # shared memory; 2x4099 block, single elements, 8 in registers + 1 in shared memory.
-LAUNCH_PATH_SHAPES = [(1, 1), (7, 2), (13, 37), (9, 1000), (3, 2000), (2, 4000), (2, 8000), (2, 16384), (2, 20000), (2, 4099)]
+LAUNCH_PATH_SHAPES = [(1, 1), (7, 2), (13, 37), (9, 1000), (3, 2000), (2, 4000), (2, 8000), (2, 16384), (2, 20000),
+                      (2, 4099)]
 
 
 @pytest.mark.parametrize("alphas", [(-1.0, 1.0), (-2.0, 0.5), (0.0, 1.0), (1.0, 1.0)],

@@ -24,8 +24,9 @@
 //   3. the statistics (R or B) of both alphas that are not forward KL, in one sweep;
 //   4. the chosen branch's gradient, scaled by the reduction's row weight times T and written once in
 //      the student's dtype, and the surrogate when asked for.
-// The row weight lives on the device (a masked mean divides by the count of valid rows), so nothing
-// synchronises with the host and the op can be captured in a CUDA graph.
+// Each row's value and gradient carry the reduction's row weight (1, or 1 / rows for a mean), so a
+// reduced loss is one sum of the row values. A masked mean divides by the count of valid rows, read
+// on the device: nothing synchronises with the host and the op can be captured in a CUDA graph.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -107,6 +108,7 @@ struct Params {
   int64_t rows, cols, s_row_stride, s_col_stride, t_row_stride, t_col_stride;
   int64_t shared_packs;  // packs of each input per thread kept in dynamic shared memory
   acc_t inv_temperature, temperature, t_squared, alpha_lo, alpha_hi, clip, log_clip;
+  acc_t row_weight;  // of the reduction, unless the device computes it (masked mean)
   Branch branch_lo, branch_hi;
   bool same_alpha, surrogate;
 };
@@ -146,11 +148,14 @@ struct alignas(sizeof(T) * kVec) Pack {
 template <int kVec>
 constexpr int kMaxCachedPacks = kMaxCachedElements / kVec < 8 ? kMaxCachedElements / kVec : 8;
 
+// Launch bounds: a block per row runs one block per SM (it takes the shared memory), so ptxas may use
+// 128 registers per thread; without the minimum of 1 it aims at two blocks and spills at 64. A warp
+// per row runs at least two blocks of 8 rows per SM.
 template <int kGroup, int kVec, int kCached, typename acc_t, typename student_t, typename teacher_t>
-__global__ void __launch_bounds__(kGroup > kWarp ? kGroup : kWarpRowThreads)
+__global__ void __launch_bounds__(kGroup > kWarp ? kGroup : kWarpRowThreads, kGroup > kWarp ? 1 : 2)
 adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const teacher_t* __restrict__ teacher,
                    student_t* __restrict__ grad, acc_t* __restrict__ row_values, const bool* __restrict__ mask,
-                   const acc_t* __restrict__ grad_scale) {
+                   const acc_t* __restrict__ device_row_weight) {
   using StudentPack = Pack<student_t, kVec>;
   using TeacherPack = Pack<teacher_t, kVec>;
   __shared__ acc_t shared[kWarp * 3];
@@ -170,6 +175,7 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
     }
     return;
   }
+  const acc_t row_weight = device_row_weight ? device_row_weight[0] : p.row_weight;
   const student_t* s = student + row * p.s_row_stride;
   const teacher_t* t = teacher + row * p.t_row_stride;
   const acc_t inv_t = p.inv_temperature;
@@ -283,8 +289,12 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
         const acc_t es = device_exp(ds);
         if (es == acc_t(0)) continue;  // q == 0: the term's limit is 0
         const acc_t et = need_et ? device_exp(dt) : acc_t(1);
-        if (need_lo) partial[0] += es * clipped_weight(p.branch_lo, ds, dt, es, et, p.alpha_lo, log_ratio, zt_over_zs, p);
-        if (need_hi) partial[1] += es * clipped_weight(p.branch_hi, ds, dt, es, et, p.alpha_hi, log_ratio, zt_over_zs, p);
+        if (need_lo) {
+          partial[0] += es * clipped_weight(p.branch_lo, ds, dt, es, et, p.alpha_lo, log_ratio, zt_over_zs, p);
+        }
+        if (need_hi) {
+          partial[1] += es * clipped_weight(p.branch_hi, ds, dt, es, et, p.alpha_hi, log_ratio, zt_over_zs, p);
+        }
       }
     });
     group_reduce<kGroup, false>(partial, shared);
@@ -302,7 +312,7 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
 
   // 4. gradient of the chosen branch, and the surrogate
   if (grad_row || p.surrogate) {
-    const acc_t scale = grad_scale[0] * p.temperature;  // the reduction's row weight, times T
+    const acc_t scale = row_weight * p.temperature;
     acc_t surrogate[1] = {0};
     for_each_pack([&](int64_t k, const acc_t(&xs)[kVec], const acc_t(&xt)[kVec]) {
       StudentPack out;
@@ -338,7 +348,7 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
       value = surrogate[0];
     }
   }
-  if (lane == 0) row_values[row] = value * p.t_squared;
+  if (lane == 0) row_values[row] = value * p.t_squared * row_weight;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -350,7 +360,7 @@ struct Pointers {
   void* grad;
   void* row_values;
   const bool* mask;
-  const void* grad_scale;
+  const void* device_row_weight;  // nullptr: Params::row_weight
 };
 
 // Launches adaptive_kd_kernel<kGroup, kVec, kCached> through
@@ -371,7 +381,7 @@ void launch_instance(Params<acc_t> params, const Pointers& ptr, int64_t max_shar
          params,
          static_cast<const student_t*>(ptr.student), static_cast<const teacher_t*>(ptr.teacher),
          static_cast<student_t*>(ptr.grad), static_cast<acc_t*>(ptr.row_values), ptr.mask,
-         static_cast<const acc_t*>(ptr.grad_scale));
+         static_cast<const acc_t*>(ptr.device_row_weight));
 }
 
 // The smallest register cache (1, 2, 4 or the maximum packs per thread) that holds the row, else the
@@ -445,15 +455,18 @@ std::tuple<at::Tensor, at::Tensor> adaptive_kd_rows(const at::Tensor& student, c
   const auto acc_options = student.options().dtype(acc_dtype);
 
   at::Tensor mask_contiguous = mask.has_value() ? mask->contiguous() : at::Tensor();
-  at::Tensor count = mask.has_value() ? mask_contiguous.sum().to(acc_dtype) : at::full({}, double(rows), acc_options);
-  // Row weight of the gradient: 1 / valid rows for the mean (a mean over no rows is 0), else 1.
-  at::Tensor grad_scale = reduction == kReductionMean ? count.clamp_min(1).reciprocal().reshape({1})
-                                                      : at::ones({1}, acc_options);
+  // Row weight: 1 / valid rows for a mean (a mean over no rows is 0), else 1; on the device for a
+  // masked mean, whose count is there.
+  const double row_weight = reduction == kReductionMean && rows > 0 ? 1.0 / double(rows) : 1.0;
+  at::Tensor device_row_weight = mask.has_value() && reduction == kReductionMean
+                                     ? mask_contiguous.sum().to(acc_dtype).clamp_min(1).reciprocal().reshape({1})
+                                     : at::Tensor();
   at::Tensor row_values = at::empty({rows}, acc_options);
   at::Tensor grad = compute_grad ? at::empty({rows, cols}, student.options()) : at::empty({0}, student.options());
-  const Pointers ptr{student.const_data_ptr(), teacher.const_data_ptr(), compute_grad ? grad.mutable_data_ptr() : nullptr,
-                     row_values.mutable_data_ptr(),
-                     mask.has_value() ? mask_contiguous.const_data_ptr<bool>() : nullptr, grad_scale.const_data_ptr()};
+  const Pointers ptr{student.const_data_ptr(), teacher.const_data_ptr(),
+                     compute_grad ? grad.mutable_data_ptr() : nullptr, row_values.mutable_data_ptr(),
+                     mask.has_value() ? mask_contiguous.const_data_ptr<bool>() : nullptr,
+                     device_row_weight.defined() ? device_row_weight.const_data_ptr() : nullptr};
 
   if (rows > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, student.scalar_type(), "adaptive_kd_cuda_student", [&] {
@@ -466,8 +479,8 @@ std::tuple<at::Tensor, at::Tensor> adaptive_kd_rows(const at::Tensor& student, c
           const Params<acc_t> params{rows, cols, student.stride(0), student.stride(1), teacher.stride(0),
                                      teacher.stride(1), 0, acc_t(1.0 / temperature), acc_t(temperature),
                                      acc_t(temperature * temperature), acc_t(alpha_min), acc_t(alpha_max), acc_t(clip),
-                                     acc_t(std::log(clip)), classify_alpha(alpha_min), classify_alpha(alpha_max),
-                                     alpha_min == alpha_max, surrogate};
+                                     acc_t(std::log(clip)), acc_t(row_weight), classify_alpha(alpha_min),
+                                     classify_alpha(alpha_max), alpha_min == alpha_max, surrogate};
           launch_rows<acc_t, student_t, teacher_t>(params, student, teacher, ptr, max_shared_bytes, launch);
         };
         // fp64 accumulation exactly when an input is fp64 (value_dtype is then double)
@@ -477,9 +490,7 @@ std::tuple<at::Tensor, at::Tensor> adaptive_kd_rows(const at::Tensor& student, c
     });
   }
   if (reduction == kReductionNone) return {row_values.to(value_dtype), grad};
-  at::Tensor total = row_values.sum();
-  if (reduction == kReductionMean) total = total * grad_scale.reshape({});
-  return {total.to(value_dtype), grad};
+  return {row_values.sum().to(value_dtype), grad};
 }
 
 }  // namespace cuda_kd
