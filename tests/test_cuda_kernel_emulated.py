@@ -2,9 +2,13 @@
 
 tests/cuda_emulation compiles csrc/cuda/adaptive_kd_cuda.cuh (the kernel, its launch plan and host
 wrapper) with g++ and runs every CUDA thread as a fiber: warp shuffles, __syncthreads, 128-bit packs,
-the register cache and the streamed remainder of long rows all execute as written. Shapes are chosen
-to reach each launch path: warp per row (packs or single elements), block per row with 1, 2, 4 or the
-maximum packs cached, rows longer than the cache, and the strided fallback.
+the register and shared-memory caches and the streamed rest of long rows all execute as written.
+Shapes are chosen to reach each launch path: warp per row (packs or single elements), block per row
+with 1, 2, 4 or the maximum packs in registers, rows split between registers, shared memory and the
+stream, and the strided fallback.
+
+The build adds UBSan's alignment check: a 16-byte pack read from an address a GPU would fault on
+aborts the test process (run with -s to see UBSan's message).
 """
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ def emulated_kernel():
         pytest.skip("no C++ compiler to build the CUDA emulation")
     verify_ninja_availability()
     return load(name="alphadiv_cuda_emulation", sources=[str(SOURCE)],
-                extra_cflags=["-O1", "-Wno-unknown-pragmas"], verbose=False)
+                extra_cflags=["-O1", "-Wno-unknown-pragmas", "-fsanitize=alignment",
+                              "-fno-sanitize-recover=alignment"],
+                extra_ldflags=["-fsanitize=alignment"], verbose=False)
 
 
 H100_SHARED_BYTES = 227 * 1024 - 2048  # what the CUDA launcher offers a block on an H100
