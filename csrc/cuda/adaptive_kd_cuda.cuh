@@ -234,7 +234,9 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
     }
     for (int64_t i = kCached; i < shared_end; ++i) {
       const int64_t slot = (i - kCached) * kGroup + lane;
-      convert(shared_s[slot], shared_t[slot]);
+      const StudentPack sp = shared_s[slot];  // one 128-bit shared load each, not one per element
+      const TeacherPack tp = shared_t[slot];
+      convert(sp, tp);
       visit(i * kGroup + lane, xs, xt);
     }
 #pragma unroll 4
