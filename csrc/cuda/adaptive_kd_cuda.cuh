@@ -68,6 +68,17 @@ __device__ __forceinline__ acc_t device_expm1(acc_t x) {
   if constexpr (std::is_same_v<acc_t, float>) return expm1f(x); else return expm1(x);
 }
 template <typename acc_t>
+__device__ __forceinline__ acc_t device_fma(acc_t a, acc_t b, acc_t c) {
+  if constexpr (std::is_same_v<acc_t, float>) return fmaf(a, b, c); else return fma(a, b, c);
+}
+// a / b from a precomputed 1 / b: the product, corrected by its residual (an IEEE division costs
+// several times more, and the kernel divides each element by Z_s and Z_t).
+template <typename acc_t>
+__device__ __forceinline__ acc_t quotient(acc_t a, acc_t b, acc_t inverse_b) {
+  const acc_t estimate = a * inverse_b;
+  return device_fma(device_fma(-estimate, b, a), inverse_b, estimate);
+}
+template <typename acc_t>
 __device__ __forceinline__ acc_t max_propagating_nan(acc_t a, acc_t b) {
   return (a != a || a > b) ? a : b;
 }
@@ -113,12 +124,12 @@ struct Params {
   bool same_alpha, surrogate;
 };
 
-// c - 1 (General, NegOne) or log c (ReverseKL) at one element; es = exp(xs), et = exp(xt).
+// c - 1 (General, NegOne) or log c (ReverseKL) at one element with max-shifted logits xs, xt.
 template <typename acc_t>
-__device__ __forceinline__ acc_t clipped_weight(Branch branch, acc_t xs, acc_t xt, acc_t es, acc_t et, acc_t alpha,
-                                                acc_t log_ratio, acc_t zt_over_zs, const Params<acc_t>& p) {
+__device__ __forceinline__ acc_t clipped_weight(Branch branch, acc_t xs, acc_t xt, acc_t alpha, acc_t log_ratio,
+                                                acc_t zt_over_zs, const Params<acc_t>& p) {
   if (branch == Branch::NegOne) {
-    const acc_t ratio = es / et * zt_over_zs;  // q / p; inf where p == 0
+    const acc_t ratio = device_exp(xs - xt) * zt_over_zs;  // q / p; inf where p == 0
     return (ratio < p.clip ? ratio : p.clip) - acc_t(1);
   }
   const acc_t log_w = (xt - xs) + log_ratio;
@@ -282,7 +293,6 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
   const bool need_hi = !p.same_alpha && p.branch_hi != Branch::ForwardKL;
   acc_t stats[2] = {forward_kl, forward_kl};
   if (need_lo || need_hi) {
-    const bool need_et = p.branch_lo == Branch::NegOne || p.branch_hi == Branch::NegOne;
     acc_t partial[2] = {0, 0};
     for_each_pack([&](int64_t, const acc_t(&xs)[kVec], const acc_t(&xt)[kVec]) {
 #pragma unroll
@@ -290,13 +300,8 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
         const acc_t ds = xs[j] - max_s, dt = xt[j] - max_t;
         const acc_t es = device_exp(ds);
         if (es == acc_t(0)) continue;  // q == 0: the term's limit is 0
-        const acc_t et = need_et ? device_exp(dt) : acc_t(1);
-        if (need_lo) {
-          partial[0] += es * clipped_weight(p.branch_lo, ds, dt, es, et, p.alpha_lo, log_ratio, zt_over_zs, p);
-        }
-        if (need_hi) {
-          partial[1] += es * clipped_weight(p.branch_hi, ds, dt, es, et, p.alpha_hi, log_ratio, zt_over_zs, p);
-        }
+        if (need_lo) partial[0] += es * clipped_weight(p.branch_lo, ds, dt, p.alpha_lo, log_ratio, zt_over_zs, p);
+        if (need_hi) partial[1] += es * clipped_weight(p.branch_hi, ds, dt, p.alpha_hi, log_ratio, zt_over_zs, p);
       }
     });
     group_reduce<kGroup, false>(partial, shared);
@@ -312,36 +317,39 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
   const acc_t stat = use_lo ? stats[0] : stats[1];
   acc_t value = use_lo ? d_lo : d_hi;
 
-  // 4. gradient of the chosen branch, and the surrogate
+  // 4. gradient of the chosen branch, and the surrogate (branch and surrogate are uniform per row;
+  // no element divides: q and p use refined reciprocals, q / p is exp(xs - xt) Z_t / Z_s)
   if (grad_row || p.surrogate) {
     const acc_t scale = row_weight * p.temperature;
+    const acc_t inv_zs = acc_t(1) / zs, inv_zt = acc_t(1) / zt, inv_alpha = acc_t(1) / alpha;
+    const acc_t general_offset = acc_t(1) / (alpha * (alpha - acc_t(1)));  // of the general surrogate's rho
     acc_t surrogate[1] = {0};
     for_each_pack([&](int64_t k, const acc_t(&xs)[kVec], const acc_t(&xt)[kVec]) {
       StudentPack out;
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const acc_t ds = xs[j] - max_s, dt = xt[j] - max_t;
-        const acc_t es = device_exp(ds), et = device_exp(dt);
-        const acc_t q = es / zs, pr = et / zt;
+        const acc_t q = quotient(device_exp(ds), zs, inv_zs);
         acc_t g, q_rho, seen;
         if (branch == Branch::ForwardKL) {
+          const acc_t pr = quotient(device_exp(dt), zt, inv_zt);
           g = q - pr;
           q_rho = pr;
           seen = pr;
         } else {
-          const acc_t w = clipped_weight(branch, ds, dt, es, et, alpha, log_ratio, zt_over_zs, p);
+          const acc_t w = clipped_weight(branch, ds, dt, alpha, log_ratio, zt_over_zs, p);
           seen = q;
           if (branch == Branch::ReverseKL) {
             g = q * (stat - w);
             q_rho = q * (w - acc_t(1));
           } else {
-            g = q * (stat - w) / alpha;
-            q_rho = q * ((w + acc_t(1)) / alpha + acc_t(1) / (alpha * (alpha - acc_t(1))));
+            g = q * (stat - w) * inv_alpha;
+            q_rho = q * ((w + acc_t(1)) * inv_alpha + general_offset);
           }
           if (q == acc_t(0)) g = acc_t(0);
         }
         out.v[j] = static_cast<student_t>(g * scale);
-        if (seen != acc_t(0)) surrogate[0] -= q_rho * (ds - log_zs);
+        if (p.surrogate && seen != acc_t(0)) surrogate[0] -= q_rho * (ds - log_zs);
       }
       if (grad_row) grad_row[k] = out;
     });
