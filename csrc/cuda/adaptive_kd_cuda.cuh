@@ -6,13 +6,14 @@
 // tested without a GPU.
 //
 // Layout. A row is handled by a warp (rows of up to 1024 columns) or by a block of 512 threads.
-// Columns are read in packs of 16 bytes (4 fp32 or 8 fp16/bf16 values, one 128-bit
-// load) when both inputs share a dtype, have unit column stride and are 16-byte aligned, else one
-// element at a time with any strides. The row is read from memory once into on-chip storage where it
-// fits: up to 32 elements (at most 8 packs) of each input per thread in registers (rows of up to 16384
-// columns in packs), then, for a block per row, as many further packs as the device's shared memory
-// per block holds (H100: 227 KB, another 57344 bf16 or 28672 fp32 columns). The rest of a longer row is
-// streamed in chunks of one pack per thread and re-read from L2 by the later sweeps. int64 offsets.
+// Columns are read in packs of 16 bytes (4 fp32 or 8 fp16/bf16 values, one 128-bit load) when both
+// inputs share a dtype, have unit column stride and are 16-byte aligned, else one element at a time
+// with any strides. The row is read from memory once into on-chip storage where it fits: up to 32
+// elements (at most 8 packs) of each input per thread in registers (rows of up to 16384 columns in
+// packs), then, for a block per row, as many further packs as the device's shared memory per block
+// holds (H100: 227 KB, another 57344 bf16 or 28672 fp32 columns). The rest of a longer row is
+// streamed, one pack per thread at a time, and re-read by the later sweeps (from L2 where it stays
+// resident). Offsets are int64.
 //
 // Math (details in ../adaptive_kd_math.h). With xs = s/T - max_s, xt = t/T - max_t, four sweeps over
 // the row, each followed by one reduction over the row's threads (warp shuffles, then shared memory
@@ -32,8 +33,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
