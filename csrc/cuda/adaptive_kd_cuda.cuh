@@ -60,6 +60,13 @@ template <typename acc_t>
 __device__ __forceinline__ acc_t device_exp(acc_t x) {
   if constexpr (std::is_same_v<acc_t, float>) return expf(x); else return exp(x);
 }
+// exp of the sweeps. Inputs of 16 bits use the SFU's ex2 (__expf: about 2 ulp, plus the rounding of
+// x log2(e), relative 6e-8 |x|): their gradients are rounded to 8 or 11 bits, and the accurate expf
+// costs several more instructions per call, at 4 to 6 calls per element.
+template <bool kFast, typename acc_t>
+__device__ __forceinline__ acc_t sweep_exp(acc_t x) {
+  if constexpr (kFast) return __expf(x); else return device_exp(x);
+}
 template <typename acc_t>
 __device__ __forceinline__ acc_t device_log(acc_t x) {
   if constexpr (std::is_same_v<acc_t, float>) return logf(x); else return log(x);
@@ -126,11 +133,11 @@ struct Params {
 };
 
 // c - 1 (General, NegOne) or log c (ReverseKL) at one element with max-shifted logits xs, xt.
-template <typename acc_t>
+template <bool kFastExp, typename acc_t>
 __device__ __forceinline__ acc_t clipped_weight(Branch branch, acc_t xs, acc_t xt, acc_t alpha, acc_t log_ratio,
                                                 acc_t zt_over_zs, const Params<acc_t>& p) {
   if (branch == Branch::NegOne) {
-    const acc_t ratio = device_exp(xs - xt) * zt_over_zs;  // q / p; inf where p == 0
+    const acc_t ratio = sweep_exp<kFastExp>(xs - xt) * zt_over_zs;  // q / p; inf where p == 0
     return (ratio < p.clip ? ratio : p.clip) - acc_t(1);
   }
   const acc_t log_w = (xt - xs) + log_ratio;
@@ -170,6 +177,7 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
                    const acc_t* __restrict__ device_row_weight) {
   using StudentPack = Pack<student_t, kVec>;
   using TeacherPack = Pack<teacher_t, kVec>;
+  constexpr bool kFastExp = sizeof(student_t) == 2 && sizeof(teacher_t) == 2;
   __shared__ acc_t shared[kWarp * 3];
   constexpr int kBlock = kGroup > kWarp ? kGroup : kWarpRowThreads;
   const int lane = threadIdx.x % kGroup;
@@ -276,7 +284,7 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
 #pragma unroll
     for (int j = 0; j < kVec; ++j) {
       const acc_t ds = xs[j] - max_s, dt = xt[j] - max_t;
-      const acc_t es = device_exp(ds), et = device_exp(dt);
+      const acc_t es = sweep_exp<kFastExp>(ds), et = sweep_exp<kFastExp>(dt);
       sums[0] += es;
       sums[1] += et;
       sums[2] += et == acc_t(0) ? acc_t(0) : et * (dt - ds);
@@ -299,10 +307,14 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const acc_t ds = xs[j] - max_s, dt = xt[j] - max_t;
-        const acc_t es = device_exp(ds);
+        const acc_t es = sweep_exp<kFastExp>(ds);
         if (es == acc_t(0)) continue;  // q == 0: the term's limit is 0
-        if (need_lo) partial[0] += es * clipped_weight(p.branch_lo, ds, dt, p.alpha_lo, log_ratio, zt_over_zs, p);
-        if (need_hi) partial[1] += es * clipped_weight(p.branch_hi, ds, dt, p.alpha_hi, log_ratio, zt_over_zs, p);
+        if (need_lo) {
+          partial[0] += es * clipped_weight<kFastExp>(p.branch_lo, ds, dt, p.alpha_lo, log_ratio, zt_over_zs, p);
+        }
+        if (need_hi) {
+          partial[1] += es * clipped_weight<kFastExp>(p.branch_hi, ds, dt, p.alpha_hi, log_ratio, zt_over_zs, p);
+        }
       }
     });
     group_reduce<kGroup, false>(partial, shared);
@@ -330,15 +342,15 @@ adaptive_kd_kernel(Params<acc_t> p, const student_t* __restrict__ student, const
 #pragma unroll
       for (int j = 0; j < kVec; ++j) {
         const acc_t ds = xs[j] - max_s, dt = xt[j] - max_t;
-        const acc_t q = quotient(device_exp(ds), zs, inv_zs);
+        const acc_t q = quotient(sweep_exp<kFastExp>(ds), zs, inv_zs);
         acc_t g, q_rho, seen;
         if (branch == Branch::ForwardKL) {
-          const acc_t pr = quotient(device_exp(dt), zt, inv_zt);
+          const acc_t pr = quotient(sweep_exp<kFastExp>(dt), zt, inv_zt);
           g = q - pr;
           q_rho = pr;
           seen = pr;
         } else {
-          const acc_t w = clipped_weight(branch, ds, dt, alpha, log_ratio, zt_over_zs, p);
+          const acc_t w = clipped_weight<kFastExp>(branch, ds, dt, alpha, log_ratio, zt_over_zs, p);
           seen = q;
           if (branch == Branch::ReverseKL) {
             g = q * (stat - w);

@@ -2,9 +2,9 @@
 //
 // A launch runs its blocks one after another. Each thread of a block is a fiber (ucontext) with its
 // own stack; a fiber runs until it waits at a barrier, then another one runs. Warps are scheduled
-// unfairly on purpose (see launch) so that a missing barrier (a read racing a write) changes results. __syncthreads waits
-// for every thread of the block; __shfl_xor_sync exchanges values between the 32 lanes of a warp
-// through two warp barriers (write, then read). A barrier that can never complete (threads of a block
+// unfairly on purpose (see launch) so that a missing barrier (a read racing a write) changes results.
+// __syncthreads waits for every thread of the block; __shfl_xor_sync exchanges values between the 32
+// lanes of a warp through two warp barriers (write, then read). A barrier that can never complete (threads of a block
 // or warp that diverged around it, a kernel bug that hangs a real GPU) aborts with a message.
 // __shared__ variables are function statics: shared by the block, which is alone while it runs;
 // dynamic shared memory is a per-block buffer returned by dynamic_shared_memory().
@@ -146,6 +146,13 @@ void launch(Kernel kernel, int64_t blocks, int threads, int64_t shared_bytes, co
 }
 
 }  // namespace cuda_emulation
+
+// The SFU's exp2-based exponential: exp2 of the rounded product x log2(e), flushing results below
+// the smallest normal float to 0 as ex2.approx.ftz does.
+inline float __expf(float x) {
+  const float result = std::exp2(x * 1.44269504f);
+  return std::fabs(result) < 1.17549435e-38f ? 0.0f : result;
+}
 
 inline unsigned char* dynamic_shared_memory() {
   return reinterpret_cast<unsigned char*>(cuda_emulation::running->dynamic_shared.data());
