@@ -76,18 +76,26 @@ if triton is not None:
         return tl.load(row + cols * stride, mask=valid, other=float("-inf")).to(tl.float32) * inv_t
 
     @triton.jit
+    def _shifted_logits(s_row, t_row, cols, valid, s_col, t_col, inv_t, cached_s, cached_t, max_s, max_t,
+                        SINGLE_BLOCK: tl.constexpr):
+        # xs = s/T - max_s and xt = t/T - max_t of one block of columns
+        xs = _load_row_block(s_row, cols, valid, s_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
+        xt = _load_row_block(t_row, cols, valid, t_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
+        return xs, xt
+
+    @triton.jit
     def _alpha_statistics(s_row, t_row, s_col, t_col, C, inv_t, cached_s, cached_t, max_s, max_t, log_ratio,
-                          zt_over_zs, inv_zs, alpha_lo, alpha_hi, clip, log_clip, BRANCH_LO: tl.constexpr,
-                          BRANCH_HI: tl.constexpr, NEED_LO: tl.constexpr, NEED_HI: tl.constexpr,
-                          SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
-        # R or B of both alphas that need one, in one sweep
+                          zt_over_zs, inv_zs, forward_kl, alpha_lo, alpha_hi, clip, log_clip,
+                          BRANCH_LO: tl.constexpr, BRANCH_HI: tl.constexpr, NEED_LO: tl.constexpr,
+                          NEED_HI: tl.constexpr, SINGLE_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+        # R or B of both alphas that need one, in one sweep; forward_kl stands for an alpha that doesn't
         total_lo = tl.zeros([BLOCK], dtype=tl.float32)
         total_hi = tl.zeros([BLOCK], dtype=tl.float32)
         for start in range(0, C, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < C
-            xs = _load_row_block(s_row, cols, valid, s_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
-            xt = _load_row_block(t_row, cols, valid, t_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
+            xs, xt = _shifted_logits(s_row, t_row, cols, valid, s_col, t_col, inv_t, cached_s, cached_t, max_s,
+                                     max_t, SINGLE_BLOCK)
             es, et = tl.exp(xs), tl.exp(xt)
             if NEED_LO:
                 w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha_lo, clip, log_clip, BRANCH_LO)
@@ -95,7 +103,13 @@ if triton is not None:
             if NEED_HI:
                 w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha_hi, clip, log_clip, BRANCH_HI)
                 total_hi += tl.where(es == 0.0, 0.0, es * w)
-        return tl.sum(total_lo, axis=0) * inv_zs, tl.sum(total_hi, axis=0) * inv_zs
+        stat_lo = forward_kl
+        stat_hi = forward_kl
+        if NEED_LO:
+            stat_lo = tl.sum(total_lo, axis=0) * inv_zs
+        if NEED_HI:
+            stat_hi = tl.sum(total_hi, axis=0) * inv_zs
+        return stat_lo, stat_hi
 
     @triton.jit
     def _divergence(statistic, alpha, BRANCH: tl.constexpr):
@@ -150,8 +164,8 @@ if triton is not None:
             for start in range(0, C, BLOCK):
                 cols = start + offsets
                 valid = cols < C
-                xs = _load_row_block(s_row, cols, valid, s_stride_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
-                xt = _load_row_block(t_row, cols, valid, t_stride_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
+                xs, xt = _shifted_logits(s_row, t_row, cols, valid, s_stride_col, t_stride_col, inv_t, cached_s,
+                                         cached_t, max_s, max_t, SINGLE_BLOCK)
                 es, et = tl.exp(xs), tl.exp(xt)
                 sum_s += es
                 sum_t += et
@@ -168,12 +182,8 @@ if triton is not None:
             if NEED_LO or NEED_HI:
                 stat_lo, stat_hi = _alpha_statistics(
                     s_row, t_row, s_stride_col, t_stride_col, C, inv_t, cached_s, cached_t, max_s, max_t, log_ratio,
-                    zt_over_zs, 1.0 / zs, alpha_lo, alpha_hi, clip, log_clip, BRANCH_LO, BRANCH_HI, NEED_LO, NEED_HI,
-                    SINGLE_BLOCK, BLOCK)
-                if not NEED_LO:
-                    stat_lo = forward_kl
-                if not NEED_HI:
-                    stat_hi = forward_kl
+                    zt_over_zs, 1.0 / zs, forward_kl, alpha_lo, alpha_hi, clip, log_clip, BRANCH_LO, BRANCH_HI,
+                    NEED_LO, NEED_HI, SINGLE_BLOCK, BLOCK)
             if SAME_ALPHA:
                 stat_hi = stat_lo
             d_lo = _divergence(stat_lo, alpha_lo, BRANCH_LO)
@@ -188,8 +198,8 @@ if triton is not None:
                 for start in range(0, C, BLOCK):
                     cols = start + offsets
                     valid = cols < C
-                    xs = _load_row_block(s_row, cols, valid, s_stride_col, inv_t, cached_s, SINGLE_BLOCK) - max_s
-                    xt = _load_row_block(t_row, cols, valid, t_stride_col, inv_t, cached_t, SINGLE_BLOCK) - max_t
+                    xs, xt = _shifted_logits(s_row, t_row, cols, valid, s_stride_col, t_stride_col, inv_t, cached_s,
+                                             cached_t, max_s, max_t, SINGLE_BLOCK)
                     es, et = tl.exp(xs), tl.exp(xt)
                     q, p = es / zs, et / zt
                     if use_lo:

@@ -8,7 +8,7 @@ import torch
 
 import alphadiv_kernels as ak
 from alphadiv_kernels import triton_adaptive_kd
-from conftest import LOGIT_KINDS, check_against_reference, make_logits
+from conftest import LOGIT_KINDS, check_against_reference, half_precision_tolerances, make_logits
 
 pytestmark = pytest.mark.skipif("triton" not in ak.available_backends(), reason="Triton backend unavailable")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,9 +63,7 @@ def test_triton_non_contiguous_inputs(gen):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_triton_half_precision_within_one_rounding(dtype, gen):
     student, teacher = on_device(*make_logits("random", 4, 100, gen, dtype=dtype))
-    eps = torch.finfo(dtype).eps
-    value, grad = check_against_reference(triton_op, student, teacher, value_rtol=eps, value_atol=1e-6,
-                                          grad_rtol=eps, grad_atol=2.0**-24 + 1e-7 / 4)
+    value, grad = check_against_reference(triton_op, student, teacher, **half_precision_tolerances(dtype, rows=4))
     assert value.dtype == dtype and grad.dtype == dtype
 
 

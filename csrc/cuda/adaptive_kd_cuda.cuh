@@ -401,8 +401,7 @@ void launch_instance(Params<acc_t> params, const Pointers& ptr, int64_t max_shar
                             : 0;
   const int64_t shared_bytes = params.shared_packs * kBytesPerPackRound;
   launch(&adaptive_kd_kernel<kGroup, kVec, kCached, acc_t, student_t, teacher_t>, blocks, kThreads, shared_bytes,
-         params,
-         static_cast<const student_t*>(ptr.student), static_cast<const teacher_t*>(ptr.teacher),
+         params, static_cast<const student_t*>(ptr.student), static_cast<const teacher_t*>(ptr.teacher),
          static_cast<student_t*>(ptr.grad), static_cast<acc_t*>(ptr.row_values), ptr.mask,
          static_cast<const acc_t*>(ptr.device_row_weight));
 }
