@@ -109,7 +109,7 @@ def cuda_extensions():
 
 
 setup(
-    packages=find_packages(include=["alphadiv_kernels*", "supernet*", "benchmarks*"]),
+    packages=find_packages(include=["alphadiv_kernels*", "supernet*"]),
     ext_modules=[cpu_extension] + cuda_extensions(),
     cmdclass={"build_ext": BuildExtension},
 )

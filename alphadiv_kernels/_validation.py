@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional
 
 import torch
 
-REDUCTIONS = {"none": 0, "mean": 1, "sum": 2}
+from ._constants import MAX_TEMPERATURE, REDUCTION_NONE, REDUCTION_SUM, REDUCTIONS
+
 VALUE_MODES = ("divergence", "surrogate")
 BACKENDS = ("auto", "cuda", "triton", "cpu", "reference")
 
@@ -23,10 +25,57 @@ class KDArguments(NamedTuple):
 
 
 def _check_real(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    """A finite real number: Python int / float or a NumPy scalar (not bool)."""
+    if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_loss_parameters(alpha_min: float, alpha_max: float, clip: float, temperature: float) -> None:
+    """The scalar parameters of the loss (also checked by `AdaptiveKDLoss` at construction)."""
+    for name, number in (("alpha_min", alpha_min), ("alpha_max", alpha_max), ("clip", clip),
+                         ("temperature", temperature)):
+        _check_real(name, number)
+    if alpha_min > alpha_max:
+        raise ValueError(f"alpha_min ({alpha_min}) must not exceed alpha_max ({alpha_max})")
+    if clip <= 0:
+        raise ValueError(f"clip must be positive, got {clip}")
+    if not 0 < temperature <= MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be in (0, {MAX_TEMPERATURE:g}], got {temperature}: above "
+                         f"{MAX_TEMPERATURE:g} the divergence is below the float32 rounding of its terms")
+
+
+def check_reduction_and_value(reduction: str, value: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    if value not in VALUE_MODES:
+        raise ValueError(f"value must be one of {', '.join(map(repr, VALUE_MODES))}, got {value!r}")
+
+
+def check_op_arguments(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor], alpha_min: float,
+                       alpha_max: float, clip: float, temperature: float, reduction: int) -> None:
+    """The checks of the op's own [N, C] entry point, as csrc/adaptive_kd_checks.h (for the Triton op)."""
+    if student.dim() != 2 or teacher.dim() != 2:
+        raise ValueError(f"alphadiv::adaptive_kd expects 2-D [N, C] logits, got student {list(student.shape)} and "
+                         f"teacher {list(teacher.shape)}")
+    if student.shape != teacher.shape:
+        raise ValueError(f"student and teacher logits must have the same shape, got {list(student.shape)} and "
+                         f"{list(teacher.shape)}")
+    if student.shape[1] == 0:
+        raise ValueError("logits need at least one class (C = 0)")
+    if not (student.is_floating_point() and teacher.is_floating_point()):
+        raise TypeError(f"logits must be floating point, got {student.dtype} and {teacher.dtype}")
+    if student.device != teacher.device:
+        raise ValueError(f"student and teacher must be on the same device, got {student.device} and {teacher.device}")
+    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
+    if not REDUCTION_NONE <= reduction <= REDUCTION_SUM:
+        raise ValueError(f"reduction code must be 0, 1 or 2, got {reduction}")
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise TypeError(f"mask must be a bool tensor, got {mask.dtype}")
+        if mask.dim() != 1 or mask.shape[0] != student.shape[0]:
+            raise ValueError(f"mask must have shape [{student.shape[0]}], got {list(mask.shape)}")
 
 
 def validate_kd_arguments(
@@ -61,18 +110,8 @@ def validate_kd_arguments(
     num_classes = student_logits.shape[-1]
     if num_classes == 0:
         raise ValueError("logits need at least one class: the last dimension has size 0")
-    for name, number in (("alpha_min", alpha_min), ("alpha_max", alpha_max), ("clip", clip), ("temperature", temperature)):
-        _check_real(name, number)
-    if alpha_min > alpha_max:
-        raise ValueError(f"alpha_min ({alpha_min}) must not exceed alpha_max ({alpha_max})")
-    if clip <= 0:
-        raise ValueError(f"clip must be positive, got {clip}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    if value not in VALUE_MODES:
-        raise ValueError(f"value must be one of {', '.join(map(repr, VALUE_MODES))}, got {value!r}")
+    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
+    check_reduction_and_value(reduction, value)
 
     leading_shape = student_logits.shape[:-1]
     flat_mask = None

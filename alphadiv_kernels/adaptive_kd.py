@@ -8,7 +8,8 @@ Autograd: the forward writes the gradient of the (reduced) loss with respect to 
 while it has every row in cache, and the backward only scales it by the incoming gradient, in place.
 Forward + backward therefore hold one [N, C] tensor in the student's dtype beyond the inputs. When
 the graph is retained (``retain_graph=True``, gradcheck, jacobians) the backward scales into a new
-tensor instead, so every pass sees the saved gradient intact.
+tensor instead, so every pass sees the saved gradient intact. The op has no second derivative: a
+backward with ``create_graph=True`` raises rather than return a gradient without its graph.
 """
 from __future__ import annotations
 
@@ -19,10 +20,10 @@ from typing import List, Optional
 import torch
 
 from . import _extension, triton_adaptive_kd
+from ._constants import REDUCTION_NONE
 from ._validation import BACKENDS, validate_kd_arguments
 from .reference import adaptive_kd_reference
 
-REDUCTION_NONE = 0
 _DEFAULT_BACKEND = os.environ.get("ALPHADIV_BACKEND", "auto")  # read once, at import
 _warned_fallback = False
 
@@ -125,7 +126,7 @@ def fused_adaptive_kd(
 
     Returns:
         The loss in the promoted dtype of the two inputs; the student's gradient has its dtype.
-        Full semantics: README "Semantics" and DESIGN.md section 3.
+        Full semantics and derivation: docs/op.md.
     """
     args = validate_kd_arguments(
         student_logits, teacher_logits, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
@@ -140,7 +141,7 @@ def fused_adaptive_kd(
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     # "cpu" and "cuda" are the C++ op's dispatch keys; the tensors' device picks the kernel.
     op = torch.ops.alphadiv.adaptive_kd_triton if chosen == "triton" else torch.ops.alphadiv.adaptive_kd
-    loss, _ = op(
+    loss, _ = op(  # float(): NumPy scalars are welcome, the schema takes Python floats
         args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max), float(clip),
         float(temperature), args.reduction, args.surrogate, compute_grad,
     )
@@ -189,6 +190,9 @@ def _backward(ctx, grad_loss, _unused):
     (grad,) = ctx.saved_tensors
     if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
         return (None,) * 10
+    if torch.is_grad_enabled() and not (_is_traced(grad) or _is_traced(grad_loss)):
+        raise RuntimeError("fused_adaptive_kd has no second derivative: backward with create_graph=True (double "
+                           "backward, gradient penalties, Hessians) is not supported")
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
     if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
         return (grad * scale,) + (None,) * 9  # functional; a retained graph needs the buffer intact

@@ -13,37 +13,57 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._constants import BRANCH_FORWARD_KL, BRANCH_REVERSE_KL, REDUCTION_MEAN, REDUCTION_NONE, branch_code
 from ._validation import validate_kd_arguments
-
-ALPHA_LIMIT_TOLERANCE = 1e-3  # |alpha - 1| or |alpha| below this selects the KL limit
 
 
 def _branch(lq: torch.Tensor, lp: torch.Tensor, alpha: float, clip: float):
-    """Divergence, surrogate and q*rho of one alpha for each row (no gradient through p or rho)."""
-    q, p = lq.detach().exp(), lp.exp()
-    lw = lp - lq.detach()  # log importance ratio log(p / q)
-    if abs(alpha - 1.0) < ALPHA_LIMIT_TOLERANCE:  # forward KL, no clip
-        seen = p
-        divergence_terms = p * lw
-        q_rho = p  # q * rho with rho = w
-    elif abs(alpha) < ALPHA_LIMIT_TOLERANCE:  # reverse KL, clip on w
-        seen = q
+    """Divergence, surrogate and gradient (wrt the logits / T) of one alpha for each row.
+
+    Classes that the branch's weighting distribution (p for forward KL, q otherwise) gives no mass
+    contribute exactly 0 to the sums (their terms may be 0 * inf or NaN); in the alpha branches their
+    gradient is 0 too (it carries the factor q)."""
+    q, p = lq.exp(), lp.exp()
+    lw = lp - lq  # log importance ratio log(p / q), never formed as p / q
+    branch = branch_code(alpha)
+    if branch == BRANCH_FORWARD_KL:  # no clip
+        unseen = p == 0
+        divergence_terms, q_rho = p * lw, p  # q * rho with rho = w
+        gradient = q - p
+    elif branch == BRANCH_REVERSE_KL:  # clip on w
+        unseen = q == 0
         log_c = lw.clamp(max=math.log(clip))
-        divergence_terms = -q * log_c
-        q_rho = q * (log_c - 1.0)
+        divergence_terms, q_rho = -q * log_c, q * (log_c - 1.0)
+        gradient = (q * ((q * log_c).where(~unseen, 0.0).sum(-1, keepdim=True) - log_c)).where(~unseen, 0.0)
     else:  # general alpha, clip on w^alpha
-        seen = q
+        unseen = q == 0
         c_minus_one = torch.expm1((alpha * lw).clamp(max=math.log(clip)))
         divergence_terms = q * c_minus_one / (alpha * (alpha - 1.0))
         q_rho = q * ((c_minus_one + 1.0) / alpha + 1.0 / (alpha * (alpha - 1.0)))
-    # Classes the weighting distribution gives no mass contribute exactly 0 (their terms may be
-    # 0 * inf or NaN); zeroing both factors keeps NaN out of the backward too.
-    unseen = seen == 0
-    divergence = torch.where(unseen, 0.0, divergence_terms).sum(-1)
-    q_rho = torch.where(unseen, 0.0, q_rho).detach()
-    # d/ds_j of -sum_i q_rho_i * lq_i (q_rho held fixed) is the clipped gradient of Eq. 5.
-    surrogate = -(q_rho * torch.where(unseen, 0.0, lq)).sum(-1)
-    return divergence, surrogate
+        total = (q * c_minus_one).where(~unseen, 0.0).sum(-1, keepdim=True)
+        gradient = (q / alpha * (total - c_minus_one)).where(~unseen, 0.0)
+    divergence = divergence_terms.where(~unseen, 0.0).sum(-1)
+    surrogate = -(q_rho * lq).where(~unseen, 0.0).sum(-1)
+    return divergence, surrogate, gradient
+
+
+class _RowsWithGradient(torch.autograd.Function):
+    """Per-row values whose gradient with respect to the student logits is given (the clipped gradient
+    of Eq. 5 is not the gradient of the value). No second derivative: a backward with
+    create_graph=True raises, as the fused op's."""
+
+    @staticmethod
+    def forward(ctx, rows, student, gradient):
+        ctx.save_for_backward(gradient)
+        return rows.clone()
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        if torch.is_grad_enabled():
+            raise RuntimeError("adaptive_kd_reference has no second derivative: backward with create_graph=True "
+                               "(double backward, gradient penalties, Hessians) is not supported")
+        (gradient,) = ctx.saved_tensors
+        return None, gradient * grad_rows.unsqueeze(-1), None
 
 
 def adaptive_kd_reference(
@@ -60,9 +80,10 @@ def adaptive_kd_reference(
 ) -> torch.Tensor:
     """Readable eager implementation of the adaptive alpha-divergence KD loss.
 
-    Arguments and semantics are those of :func:`alphadiv_kernels.fused_adaptive_kd`. Half-precision
+    Arguments and semantics are those of :func:`alphadiv_kernels.fused_adaptive_kd`: each row's
+    value and its gradient are written out as in the semantics table (docs/op.md). Half-precision
     inputs are computed in float32; the result has the promoted dtype of the two inputs and the
-    gradient reaches the student only.
+    gradient reaches the student only, in the student's dtype.
     """
     args = validate_kd_arguments(
         student_logits, teacher_logits, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
@@ -70,26 +91,31 @@ def adaptive_kd_reference(
     )
     out_dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
     compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
-    lq = F.log_softmax(args.student.to(compute_dtype) / temperature, dim=-1)
-    lp = F.log_softmax(args.teacher.detach().to(compute_dtype) / temperature, dim=-1)
-
-    d_min, s_min = _branch(lq, lp, alpha_min, clip)
-    d_max, s_max = _branch(lq, lp, alpha_max, clip)
-    use_min = d_min > d_max  # strict: ties (e.g. p == q) take alpha_max, as in AlphaNet
-    surrogate = torch.where(use_min, s_min, s_max)
-    row_value = surrogate.detach() if args.surrogate else torch.where(use_min, d_min, d_max)
-    # Value of the chosen mode, gradient of the surrogate; T^2 keeps gradients T-independent (Hinton).
-    rows = temperature**2 * (row_value + surrogate - surrogate.detach())
-
-    if args.mask is not None:
-        rows = torch.where(args.mask, rows, 0.0)
-    if args.reduction == 0:
+    with torch.no_grad():
+        lq = F.log_softmax(args.student.to(compute_dtype) / temperature, dim=-1)
+        lp = F.log_softmax(args.teacher.to(compute_dtype) / temperature, dim=-1)
+        d_min, s_min, g_min = _branch(lq, lp, alpha_min, clip)
+        d_max, s_max, g_max = _branch(lq, lp, alpha_max, clip)
+        use_min = d_min > d_max  # strict: ties (e.g. p == q) take alpha_max, as in AlphaNet
+        rows = temperature**2 * (torch.where(use_min, s_min, s_max) if args.surrogate
+                                 else torch.where(use_min, d_min, d_max))
+        # d(T^2 D(s / T)) / ds = T * dD/d(s / T): Hinton's T^2 keeps gradients T-independent.
+        gradient = temperature * torch.where(use_min[:, None], g_min, g_max)
+        weight = torch.ones_like(rows)
+        if args.mask is not None:
+            weight = args.mask.to(rows.dtype)
+        if args.reduction == REDUCTION_MEAN:
+            weight = weight / weight.sum().clamp(min=1)  # a mean over no rows is 0
+        # Masked rows: exactly 0 in value and gradient, even where their logits are NaN.
+        keep = weight != 0
+        rows = torch.where(keep, rows * weight, 0.0)
+        gradient = torch.where(keep[:, None], gradient * weight[:, None], 0.0)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        student = student_logits.reshape(args.student.shape)
+        rows = _RowsWithGradient.apply(rows, student, gradient.to(student_logits.dtype))
+    if args.reduction == REDUCTION_NONE:
         return rows.reshape(args.leading_shape).to(out_dtype)
-    total = rows.sum()
-    if args.reduction == 1:
-        count = args.mask.sum() if args.mask is not None else torch.tensor(rows.shape[0])
-        total = total / count.clamp(min=1)  # a mean over no rows is 0
-    return total.to(out_dtype)
+    return rows.sum().to(out_dtype)
 
 
 def alphanet_adaptive_loss_soft(

@@ -22,23 +22,17 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._constants import BRANCH_FORWARD_KL, REDUCTION_MEAN, branch_code
+from ._validation import check_op_arguments
+
 try:
     import triton
     import triton.language as tl
 except ImportError:  # the op then has no Triton backend
     triton = None
 
-BRANCH_FORWARD_KL, BRANCH_REVERSE_KL, BRANCH_GENERAL, BRANCH_NEG_ONE = 0, 1, 2, 3
 MAX_STREAMED_BLOCK = 4096   # columns per step when a row is longer than one block
 MAX_SINGLE_BLOCK = 16384    # rows up to this many columns are read once and kept in registers
-
-
-def branch_code(alpha: float) -> int:
-    if abs(alpha - 1.0) < 1e-3:
-        return BRANCH_FORWARD_KL
-    if abs(alpha) < 1e-3:
-        return BRANCH_REVERSE_KL
-    return BRANCH_NEG_ONE if alpha == -1.0 else BRANCH_GENERAL
 
 
 def available(device: torch.device) -> bool:
@@ -239,7 +233,8 @@ if triton is not None:
 def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor], alpha_min: float,
                        alpha_max: float, clip: float, temperature: float, reduction: int, surrogate: bool,
                        compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The launcher: same contract as the C++ op alphadiv::adaptive_kd ([N, C] inputs)."""
+    """The launcher: same contract and argument checks as the C++ op alphadiv::adaptive_kd ([N, C] inputs)."""
+    check_op_arguments(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction)
     rows, cols = student.shape
     value_dtype = torch.promote_types(student.dtype, teacher.dtype)
     if value_dtype == torch.float64:
@@ -248,9 +243,9 @@ def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
     grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
     # Row weight of every row's value and gradient: 1 / valid rows for a mean (a mean over no rows is
     # 0), else 1, so a reduced loss is one sum. A masked mean's weight stays on the device (no sync).
-    row_weight = 1.0 / rows if reduction == 1 and rows > 0 else 1.0
+    row_weight = 1.0 / rows if reduction == REDUCTION_MEAN and rows > 0 else 1.0
     device_row_weight = None
-    if reduction == 1 and mask is not None:
+    if reduction == REDUCTION_MEAN and mask is not None:
         device_row_weight = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
     if rows > 0:
         branch_lo, branch_hi = branch_code(alpha_min), branch_code(alpha_max)

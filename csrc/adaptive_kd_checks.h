@@ -25,7 +25,8 @@ inline void check_arguments(const at::Tensor& student, const at::Tensor& teacher
                     student.device(), " and ", teacher.device());
   TORCH_CHECK_VALUE(alpha_min <= alpha_max, "alpha_min (", alpha_min, ") must not exceed alpha_max (", alpha_max, ")");
   TORCH_CHECK_VALUE(clip > 0, "clip must be positive, got ", clip);
-  TORCH_CHECK_VALUE(temperature > 0, "temperature must be positive, got ", temperature);
+  TORCH_CHECK_VALUE(temperature > 0 && temperature <= kMaxTemperature, "temperature must be in (0, ", kMaxTemperature,
+                    "], got ", temperature, ": above it the divergence is below the float32 rounding of its terms");
   TORCH_CHECK_VALUE(reduction >= kReductionNone && reduction <= kReductionSum, "reduction code must be 0, 1 or 2, got ",
                     reduction);
   if (mask.has_value()) {

@@ -31,6 +31,10 @@ namespace alphadiv {
 // |alpha - 1| and |alpha| below this select the KL limits, as the AlphaNet reference code does.
 constexpr double kAlphaLimitTolerance = 1e-3;
 
+// Largest temperature: the divergence is of order 1/T^2 before the T^2 factor, and above this it is
+// below the fp32 rounding of its terms (at T = 1e5 fp32 gives -26.4 where float64 gives 4.60).
+constexpr double kMaxTemperature = 100.0;
+
 enum class Branch : int { ForwardKL = 0, ReverseKL = 1, General = 2, NegOne = 3 };
 
 enum Reduction : int64_t { kReductionNone = 0, kReductionMean = 1, kReductionSum = 2 };

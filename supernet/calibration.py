@@ -16,17 +16,13 @@ from torch import nn
 def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_batches: Optional[int] = None,
                    forward: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> int:
     """Reset every BN layer of `model` and average its statistics over the batches; returns how many
-    batches were used. `forward` (default: `model`) runs one batch, e.g. a supernet with a config.
-    Dropout and drop-connect are off meanwhile, so the statistics are those of the plain subnet."""
+    batches were used. `forward` (default: `model`) runs one batch, e.g. a supernet with a config
+    (without `regularize`, so the statistics are those of the plain subnet)."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [bn.momentum for bn in norms]
     for bn in norms:
         bn.reset_running_stats()
         bn.momentum = None  # cumulative average
-    regularisers = {name: getattr(model, name) for name in ("dropout", "drop_connect")
-                    if isinstance(getattr(model, name, None), float)}
-    for name in regularisers:
-        setattr(model, name, 0.0)
     was_training = model.training
     model.train()
     used = 0
@@ -40,8 +36,6 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], num_batche
         model.train(was_training)
         for bn, momentum in zip(norms, momenta):
             bn.momentum = momentum
-        for name, value in regularisers.items():
-            setattr(model, name, value)
     if used == 0:
         raise ValueError("BN recalibration needs at least one batch")
     return used

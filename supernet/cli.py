@@ -2,60 +2,70 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import importlib
+import importlib.util
 import sys
 from typing import List, Optional
 
-from .flops import flops_and_params
-from .space import SPACES, ArchConfig, SearchSpace, get_space
+SUBCOMMANDS = {  # name: (module, help)
+    "train": ("train", "train a supernet (sandwich rule, in-place adaptive KD)"),
+    "eval": ("evaluate", "calibrated evaluation of subnets"),
+    "search": ("search", "evolutionary search for the accuracy-vs-FLOPs front"),
+    "export": ("export", "a subnet as a standalone model"),
+    "convert": ("convert", "a supernet checkpoint of the AlphaNet reference code, in this project's format"),
+}
+EXTRA_MODULES = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn",
+                 "torchvision": "torchvision"}
 
 
-SUBCOMMANDS = {"train": "train", "eval": "evaluate", "search": "search", "export": "export"}
-
-
-def load_arch(text: str, space: SearchSpace) -> ArchConfig:
-    """`min`, `max`, or the path of a JSON arch config."""
-    if text in ("min", "max"):
-        return space.min_config() if text == "min" else space.max_config()
-    if not os.path.exists(text):
-        raise SystemExit(f"--arch {text!r}: no such file (give a JSON arch config, or min / max)")
-    try:
-        with open(text) as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise SystemExit(f"--arch {text!r} is not valid JSON: {error}") from None
-    try:
-        return space.validate(config)
-    except ValueError as error:
-        raise SystemExit(f"--arch {text!r}: {error}") from None
+def require_extra() -> None:
+    """The trainer's dependencies come with `pip install -e ".[supernet]"`; say so instead of failing later."""
+    missing = [package for module, package in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise SystemExit(f"alphanet: needs {', '.join(missing)}; install the trainer's extra: "
+                         "pip install -e \".[supernet]\" (or pip install \"alphadiv-kernels[supernet]\")")
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
+    from .flops import flops_and_params
+    from .space import PUBLISHED, get_space, load_arch
+
     space = get_space(args.space)
     config = load_arch(args.arch, space)
     flops, params = flops_and_params(space, config)
+    published = f"; published: {PUBLISHED[args.arch].mflops} MFLOPs" if args.arch in PUBLISHED else ""
     print(f"{flops / 1e6:.1f} MFLOPs, {params / 1e6:.2f} M parameters "
-          f"({space.name} space, resolution {config['resolution']})")
+          f"({space.name} space, resolution {config['resolution']}{published})")
 
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] and argv[0] in SUBCOMMANDS:  # each has its own parser (train takes any config key)
-        module = __import__(f"supernet.{SUBCOMMANDS[argv[0]]}", fromlist=["main"])
-        return module.main(argv[1:])
-    parser = argparse.ArgumentParser(prog="alphanet", description="AlphaNet supernet tools")
-    commands = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in (("train", "train a supernet"), ("eval", "calibrated evaluation of subnets"),
-                            ("search", "evolutionary search for the Pareto front"),
-                            ("export", "a subnet as a standalone model")):
+    require_extra()
+    if argv[:1] and argv[0] in SUBCOMMANDS:  # each has its own parser (train takes every config key)
+        module = importlib.import_module(f"supernet.{SUBCOMMANDS[argv[0]][0]}")
+        try:
+            return module.main(argv[1:])
+        except KeyboardInterrupt:  # train handles its own (it saves first); the others keep what they wrote
+            hint = " (rerun the same command to resume)" if argv[0] == "search" else ""
+            print(f"alphanet {argv[0]}: interrupted{hint}", file=sys.stderr, flush=True)
+            raise SystemExit(130) from None
+    from .config import CommandLineParser
+    from .space import PUBLISHED, SPACES
+
+    parser = CommandLineParser(prog="alphanet", description="AlphaNet supernet tools")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text) in SUBCOMMANDS.items():
         commands.add_parser(name, help=f"{help_text} (alphanet {name} --help)")
-    flops = commands.add_parser("flops", help="MFLOPs and parameters of an arch config")
-    flops.add_argument("--arch", required=True, help="JSON arch config, or min / max")
+    flops = commands.add_parser("flops", help="MFLOPs and parameters of an arch")
+    flops.add_argument("--arch", required=True,
+                       help=f"min, max, a published model ({', '.join(PUBLISHED)}), or a JSON arch config file")
     flops.add_argument("--space", default="alphanet", choices=sorted(SPACES))
     flops.set_defaults(run=cmd_flops)
     args = parser.parse_args(argv)
-    args.run(args)
+    try:
+        args.run(args)
+    except ValueError as error:
+        raise SystemExit(f"alphanet flops: {error}") from None
 
 
 if __name__ == "__main__":

@@ -1,67 +1,87 @@
-"""Training configuration: a typed dataclass, named presets, an optional YAML file, --key value overrides."""
+"""Training configuration: a typed dataclass, named presets, an optional YAML file, --key value overrides.
+
+Every key has a type, a default, a group and one line of help (shown by `alphanet train --help`);
+`validate` checks every value (type, range, finiteness, consistency) before anything is created.
+"""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import typing
-from dataclasses import dataclass, fields
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Dict, Optional
 
-import yaml
+GROUPS = ("data", "sandwich", "regularisation", "optimisation", "execution", "outputs")
+
+
+def key(default, group: str, help: str):
+    """A config key: its default, its --help group and its one line of help."""
+    assert group in GROUPS
+    return field(default=default, metadata={"group": group, "help": help})
 
 
 @dataclass
 class TrainConfig:
-    # data and model
-    dataset: str = "digits"              # digits | cifar10 | imagefolder
-    data_path: str = ""                  # folder for cifar10 / imagefolder
-    space: str = "tiny"                  # search space preset (supernet.space)
-    image_size: int = 32                 # crop/resize of the input images
-    # the sandwich step
-    num_random_subnets: int = 2          # random subnets per step, besides the max and the min
-    kd: str = "adaptive"                 # adaptive | kl | none
-    alpha_min: float = -1.0
-    alpha_max: float = 1.0
-    kd_clip: float = 5.0
-    label_smoothing: float = 0.1         # on the max subnet's cross-entropy
-    dropout: float = 0.0
-    drop_connect: float = 0.0
-    # optimisation
-    epochs: int = 30
-    batch_size: int = 64                 # per process
-    lr_per_256: float = 0.1              # SGD-Nesterov, scaled by the global batch / 256
-    momentum: float = 0.9
-    weight_decay: float = 1e-5           # not on BN parameters and biases
-    warmup_epochs: int = 2
-    grad_clip_value: float = 1.0
-    max_nonfinite_steps: int = 5         # consecutive skipped steps before the run stops
-    # execution
-    amp: str = "off"                     # bf16 | fp16 | off
-    channels_last: bool = False
-    workers: int = 0
-    seed: int = 0
-    # evaluation and outputs
-    calib_batches: int = 8               # BN recalibration batches before each evaluation
-    eval_batch_size: int = 256
-    checkpoint_every: int = 0            # steps between mid-epoch checkpoints (0: end of epoch only)
-    out: str = ""                        # run folder (default runs/<preset>-<time>)
+    dataset: str = key("digits", "data", "digits (bundled, no download) | cifar10 | imagefolder")
+    data_path: str = key("", "data", "folder of cifar10 / imagefolder data")
+    space: str = key("tiny", "data", "search space: alphanet | tiny | digits")
+    image_size: int = key(32, "data", "training crop / evaluation size of the images (pixels)")
+    num_random_subnets: int = key(2, "sandwich", "random subnets per step, besides the max and the min")
+    kd: str = key("adaptive", "sandwich", "students' loss: adaptive (alpha-divergence) | kl | none (labels)")
+    alpha_min: float = key(-1.0, "sandwich", "negative alpha of the adaptive KD")
+    alpha_max: float = key(1.0, "sandwich", "positive alpha of the adaptive KD")
+    kd_clip: float = key(5.0, "sandwich", "clip of the importance weight (p/q)^alpha, > 0")
+    label_smoothing: float = key(0.1, "regularisation",
+                                 "label smoothing of the cross-entropy (max subnet; students with --kd none)")
+    dropout: float = key(0.0, "regularisation", "dropout before the classifier, max subnet only")
+    drop_connect: float = key(0.0, "regularisation", "drop-connect rate, max subnet only, last two stages")
+    bn_momentum: float = key(0.1, "regularisation",
+                             "momentum of the BN running statistics in training (0: never updated)")
+    epochs: int = key(30, "optimisation", "training epochs")
+    batch_size: int = key(64, "optimisation", "images per process and step")
+    lr_per_256: float = key(0.1, "optimisation", "SGD-Nesterov LR per 256 images of the global batch")
+    momentum: float = key(0.9, "optimisation", "SGD momentum")
+    weight_decay: float = key(1e-5, "optimisation", "weight decay (not on BN parameters and biases)")
+    warmup_epochs: int = key(2, "optimisation", "linear LR warm-up from 0.001x, then cosine")
+    grad_clip_value: float = key(1.0, "optimisation", "clip of each gradient element (0: off)")
+    max_nonfinite_steps: int = key(5, "optimisation", "consecutive non-finite steps before the run stops")
+    amp: str = key("off", "execution", "autocast: off | bf16 | fp16 (GPU only)")
+    channels_last: bool = key(False, "execution", "channels-last memory format")
+    workers: int = key(0, "execution", "data-loading worker processes")
+    seed: int = key(0, "execution", "seed of the weights, data order, subnets and dropout")
+    calib_images: int = key(512, "outputs", "training images for BN calibration before each evaluation")
+    eval_batch_size: int = key(256, "outputs", "batch size of evaluation")
+    checkpoint_every: int = key(0, "outputs", "steps between mid-epoch checkpoints (0: end of epoch only)")
+    out: str = key("", "outputs", "run folder (default runs/<dataset>-<time>)")
 
 
 PRESETS: Dict[str, Dict[str, object]] = {
     "digits": dict(space="digits", epochs=30, lr_per_256=0.4, warmup_epochs=2),
+    # AlphaNet's training config: 64 processes x 32 images = 2048 at LR 0.8, 64 x 32 calibration images
     "imagenet": dict(dataset="imagefolder", space="alphanet", image_size=224, num_random_subnets=2, epochs=360,
-                     batch_size=64, lr_per_256=0.1, warmup_epochs=5, weight_decay=1e-5, label_smoothing=0.1,
-                     dropout=0.2, drop_connect=0.2, grad_clip_value=1.0, kd="adaptive", alpha_min=-1.0,
-                     alpha_max=1.0, kd_clip=5.0, calib_batches=64, amp="bf16", channels_last=True, workers=8),
+                     batch_size=32, lr_per_256=0.1, warmup_epochs=5, weight_decay=1e-5, label_smoothing=0.1,
+                     dropout=0.2, drop_connect=0.2, bn_momentum=0.0, grad_clip_value=1.0, kd="adaptive",
+                     alpha_min=-1.0, alpha_max=1.0, kd_clip=5.0, calib_images=2048, amp="off", channels_last=True,
+                     workers=4),
 }
 
+CHOICES = {"dataset": ("digits", "cifar10", "imagefolder"), "space": ("alphanet", "tiny", "digits"),
+           "kd": ("adaptive", "kl", "none"), "amp": ("bf16", "fp16", "off")}
+POSITIVE = ("epochs", "batch_size", "calib_images", "eval_batch_size", "max_nonfinite_steps", "image_size",
+            "lr_per_256", "kd_clip")
+NON_NEGATIVE = ("num_random_subnets", "warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay",
+                "grad_clip_value", "momentum")
+FRACTIONS = ("label_smoothing", "dropout", "drop_connect", "bn_momentum")  # in [0, 1)
 
-def _field_types() -> Dict[str, type]:
+
+def field_types() -> Dict[str, type]:
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in fields(TrainConfig)}
 
 
-def _convert(key: str, value: object) -> object:
-    kind = _field_types()[key]
+def _convert(name: str, value: object) -> object:
+    kind = field_types()[name]
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -69,92 +89,135 @@ def _convert(key: str, value: object) -> object:
                 return True
             if text in ("0", "false", "no", "off"):
                 return False
-            raise ValueError(f"config key {key!r} expects true/false, got {value!r}")
+            raise ValueError(f"config key {name!r} expects true/false, got {value!r}")
         try:
             return kind(text)
         except ValueError:
-            raise ValueError(f"config key {key!r} expects {kind.__name__}, got {value!r}") from None
+            raise ValueError(f"config key {name!r} expects {kind.__name__}, got {value!r}") from None
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise ValueError(f"config key {key!r} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
+        raise ValueError(f"config key {name!r} expects {kind.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
 
-def _apply(config: TrainConfig, values: Dict[str, object], source: str) -> TrainConfig:
-    known = _field_types()
-    for key, value in values.items():
-        if key not in known:
-            raise ValueError(f"unknown config key {key!r} in {source}; known keys: {', '.join(known)}")
-        setattr(config, key, _convert(key, value))
+def apply(config: TrainConfig, values: Dict[str, object], source: str) -> TrainConfig:
+    known = field_types()
+    for name, value in values.items():
+        if name not in known:
+            raise ValueError(f"unknown config key {name!r} in {source}; see --help for the keys")
+        setattr(config, name, _convert(name, value))
     return config
 
 
-def parse_overrides(tokens: List[str]) -> Dict[str, str]:
-    """['--epochs', '5', '--kd=kl', '--channels-last'] -> {'epochs': '5', 'kd': 'kl', 'channels_last': 'true'}.
+def read_yaml(path: str) -> Dict[str, object]:
+    import yaml
 
-    Dashes in keys read as underscores; a boolean key given alone means true."""
-    values: Dict[str, str] = {}
-    types = _field_types()
-    index = 0
-    while index < len(tokens):
-        token = tokens[index]
-        if not token.startswith("--"):
-            raise ValueError(f"expected --key value, got {token!r}")
-        key = token[2:]
-        if "=" in key:
-            key, value = key.split("=", 1)
-            key = key.replace("-", "_")
-        elif index + 1 < len(tokens) and not tokens[index + 1].startswith("--"):
-            key = key.replace("-", "_")
-            index += 1
-            value = tokens[index]
-        elif types.get(key.replace("-", "_")) is bool:
-            key, value = key.replace("-", "_"), "true"
-        else:
-            raise ValueError(f"config key {key!r} needs a value")
-        values[key] = value
-        index += 1
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = yaml.safe_load(handle) or {}
+    except FileNotFoundError:
+        raise ValueError(f"config file {path!r} does not exist") from None
+    except IsADirectoryError:
+        raise ValueError(f"config file {path!r} is a folder") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"config file {path!r} is not UTF-8 text") from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        raise ValueError(f"config file {path!r} is not valid YAML{line}: {getattr(error, 'problem', error)}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"config file {path!r} must hold a mapping of keys to values")
     return values
 
 
 def resolve_config(preset: str = "digits", yaml_path: Optional[str] = None,
                    overrides: Optional[Dict[str, object]] = None) -> TrainConfig:
-    """Preset, then the YAML file, then the overrides; every key and type checked."""
+    """Preset, then the YAML file, then the overrides; every key and value checked."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    config = _apply(TrainConfig(), PRESETS[preset], f"preset {preset!r}")
+    config = apply(TrainConfig(), PRESETS[preset], f"preset {preset!r}")
     if yaml_path:
-        try:
-            with open(yaml_path) as handle:
-                values = yaml.safe_load(handle) or {}
-        except FileNotFoundError:
-            raise ValueError(f"config file {yaml_path!r} does not exist") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"config file {yaml_path!r} must hold a mapping of keys to values")
-        _apply(config, values, yaml_path)
-    _apply(config, overrides or {}, "the command line")
+        apply(config, read_yaml(yaml_path), yaml_path)
+    apply(config, overrides or {}, "the command line")
     validate(config)
     return config
 
 
 def validate(config: TrainConfig) -> None:
-    choices = {"dataset": ("digits", "cifar10", "imagefolder"), "kd": ("adaptive", "kl", "none"),
-               "amp": ("bf16", "fp16", "off")}
-    for key, allowed in choices.items():
-        if getattr(config, key) not in allowed:
-            raise ValueError(f"config key {key!r} must be one of {', '.join(allowed)}, got {getattr(config, key)!r}")
-    for key in ("epochs", "batch_size", "calib_batches", "eval_batch_size", "max_nonfinite_steps"):
-        if getattr(config, key) <= 0:
-            raise ValueError(f"config key {key!r} must be positive, got {getattr(config, key)}")
+    """Raise ValueError naming the first bad key: choices, ranges, finiteness and consistency."""
+    for name, allowed in CHOICES.items():
+        if getattr(config, name) not in allowed:
+            raise ValueError(f"config key {name!r} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
+    for name, kind in field_types().items():
+        value = getattr(config, name)
+        if kind is float and not math.isfinite(value):
+            raise ValueError(f"config key {name!r} must be a finite number, got {value}")
+    for name in POSITIVE:
+        if getattr(config, name) <= 0:
+            raise ValueError(f"config key {name!r} must be positive, got {getattr(config, name)}")
+    for name in NON_NEGATIVE:
+        if getattr(config, name) < 0:
+            raise ValueError(f"config key {name!r} must be 0 or more, got {getattr(config, name)}")
+    for name in FRACTIONS:
+        if not 0 <= getattr(config, name) < 1:
+            raise ValueError(f"config key {name!r} must be in [0, 1), got {getattr(config, name)}")
+    if config.alpha_min > config.alpha_max:
+        raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
     if config.dataset != "digits" and not config.data_path:
-        raise ValueError(f"dataset {config.dataset!r} needs --data_path (a local folder)")
+        raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path for train, --data-path for "
+                         "eval / search / export)")
+    if config.dataset == "digits" and config.space == "alphanet":
+        raise ValueError("the alphanet space is ImageNet-sized (192-288 pixels, 1000 classes); train digits on the "
+                         "digits or tiny space")
 
 
 def to_dict(config: TrainConfig) -> Dict[str, object]:
     return dataclasses.asdict(config)
 
 
+def from_saved(values: Dict[str, object], source: str) -> TrainConfig:
+    """A config as a checkpoint stored it; runs of earlier versions counted calibration in batches."""
+    values = dict(values)
+    if "calib_batches" in values:
+        values["calib_images"] = values.pop("calib_batches") * values.get("batch_size", TrainConfig.batch_size)
+    return apply(TrainConfig(), values, source)
+
+
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse with one-line errors (`alphanet train: error: ...`) instead of usage + error."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every config key as `--key VALUE` (also `--key=VALUE`, dashes or underscores), grouped in --help with
+    its type, default and help. Values stay strings here; `overrides` collects the ones given."""
+    for group in GROUPS:
+        section = parser.add_argument_group(f"{group} keys (also in the YAML file of --config)")
+        for item in fields(TrainConfig):
+            if item.metadata["group"] != group:
+                continue
+            kind = field_types()[item.name]
+            names = dict.fromkeys([f"--{item.name}", f"--{item.name.replace('_', '-')}"])
+            default = item.default if item.default != "" else "''"
+            extra = dict(nargs="?", const="true") if kind is bool else {}
+            section.add_argument(*names, dest=item.name, metavar=kind.__name__.upper(), default=argparse.SUPPRESS,
+                                 help=f"{item.metadata['help']} (default {default})", **extra)
+
+
+def overrides(args: argparse.Namespace) -> Dict[str, str]:
+    """The config keys given on the command line."""
+    return {name: value for name, value in vars(args).items() if name in field_types()}
+
+
 def save_yaml(config: TrainConfig, path: str) -> None:
-    with open(path, "w") as handle:
-        yaml.safe_dump(to_dict(config), handle, sort_keys=False)
+    import yaml
+
+    from .checkpoint import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(config), sort_keys=False).encode())

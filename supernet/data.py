@@ -4,6 +4,11 @@ Each returns train / val / test splits. Digits uses a fixed 70/10/20 split; CIFA
 batches, read directly) holds out 5000 training images (a tenth of smaller sets) as its validation
 split and tests on its test batch; an ImageFolder root has train/ and val/ (and test/, else val
 doubles as test).
+
+ImageFolder uses the AlphaNet reference's ImageNet pipeline: training images get a bicubic
+RandomResizedCrop to `image_size`, a horizontal flip and AutoAugment (torchvision's ImageNet policy);
+evaluation images are resized (bicubic) to `image_size * 256 / 224` on the short side and centre-
+cropped to `image_size`. The model then resizes to each subnet's resolution.
 """
 from __future__ import annotations
 
@@ -80,17 +85,32 @@ def cifar10_splits(root: str, image_size: int) -> Dict[str, Dataset]:
     return {"train": Subset(train_aug, order[held_out:]), "val": Subset(train_plain, order[:held_out]), "test": test}
 
 
+IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)  # the reference's pixel mean and std
+IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
+
+
+def imagenet_transforms(image_size: int):
+    """(training, evaluation) transforms of the reference's ImageNet pipeline (see the module doc)."""
+    from torchvision import transforms
+
+    bicubic = transforms.InterpolationMode.BICUBIC
+    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    training = transforms.Compose([
+        transforms.RandomResizedCrop(image_size, interpolation=bicubic), transforms.RandomHorizontalFlip(),
+        transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET), transforms.ToTensor(), normalize])
+    evaluation = transforms.Compose([
+        transforms.Resize(int(image_size * 256 / 224), interpolation=bicubic), transforms.CenterCrop(image_size),
+        transforms.ToTensor(), normalize])
+    return training, evaluation
+
+
 def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
-    from torchvision import datasets, transforms
+    from torchvision import datasets
 
     _require_folder(root, "ImageFolder")
     for split in ("train", "val"):
         _require_folder(os.path.join(root, split), f"ImageFolder needs {split}/ under {root!r}")
-    normalize = transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    augment = transforms.Compose([transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(),
-                                  transforms.ToTensor(), normalize])
-    plain = transforms.Compose([transforms.Resize(int(image_size * 256 / 224)), transforms.CenterCrop(image_size),
-                                transforms.ToTensor(), normalize])
+    augment, plain = imagenet_transforms(image_size)
     splits = {"train": datasets.ImageFolder(os.path.join(root, "train"), augment),
               "val": datasets.ImageFolder(os.path.join(root, "val"), plain)}
     test_root = os.path.join(root, "test")

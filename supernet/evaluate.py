@@ -1,8 +1,9 @@
 """Calibrated evaluation of subnets of a trained supernet, and `alphanet eval`.
 
 A subnet is extracted from the checkpoint's supernet as a static module, its BN statistics are
-re-estimated on `calib_batches` training batches (always the same ones, in a fixed order), and it
-is evaluated on a split: top-1, top-5 and loss, with its MFLOPs and parameters.
+re-estimated on `--calib-images` training images (always the same ones, in a fixed order, in batches
+of the run's batch size; default 16384, the reference evaluation's 64 batches of 256), and it is
+evaluated on a split: top-1, top-5 and loss, with its MFLOPs and parameters.
 """
 from __future__ import annotations
 
@@ -19,11 +20,20 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
-from .config import TrainConfig
+from .config import CommandLineParser, TrainConfig
 from .data import load_splits, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
-from .space import ArchConfig, SearchSpace, get_space
+from .space import ArchConfig, SearchSpace, get_space, load_arch
+
+EVAL_CALIB_IMAGES = 64 * 256  # the reference's evaluation: 64 batches of 256 images
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool = False):
@@ -66,12 +76,13 @@ class TrainedSupernet:
     splits: Dict[str, Dataset]
 
     @classmethod
-    def load(cls, checkpoint: str) -> "TrainedSupernet":
-        config = ckpt.config_for_resume(checkpoint)
+    def load(cls, checkpoint: str, data_path: Optional[str] = None) -> "TrainedSupernet":
+        """The checkpoint's supernet and data (`data_path` replaces the run's data folder)."""
+        config = ckpt.config_for_resume(checkpoint, {"data_path": data_path} if data_path else None)
         splits = load_splits(config.dataset, config.data_path, config.image_size)
         space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
         model = ElasticSupernet(space)
-        model.load_state_dict(ckpt.load(checkpoint)["model"])
+        load_weights(model, ckpt.load(checkpoint)["model"], checkpoint)
         return cls(model.eval(), space, config, splits)
 
     def loader(self, split: str) -> DataLoader:
@@ -79,56 +90,73 @@ class TrainedSupernet:
             raise ValueError(f"unknown split {split!r}: choose from {', '.join(self.splits)}")
         return DataLoader(self.splits[split], batch_size=self.config.eval_batch_size, num_workers=self.config.workers)
 
-    def calibrated_subnet(self, arch: ArchConfig, calib_batches: Optional[int] = None) -> StaticSubnet:
+    def calibrated_subnet(self, arch: ArchConfig, calib_images: int) -> StaticSubnet:
         subnet = extract(self.model, arch)
         batches = calibration_loader(self.splits["train"], self.config.batch_size, self.config.seed,
                                      self.config.workers)
-        recalibrate_bn(subnet, (images for images, _ in batches), calib_batches or self.config.calib_batches)
+        recalibrate_bn(subnet, (images for images, _ in batches), -(-calib_images // self.config.batch_size))
         return subnet.eval()
 
-    def evaluate(self, arch: ArchConfig, split: str = "val", calib_batches: Optional[int] = None) -> Dict[str, object]:
-        subnet = self.calibrated_subnet(arch, calib_batches)
+    def evaluate(self, arch: ArchConfig, split: str = "val", calib_images: int = EVAL_CALIB_IMAGES) -> Dict[str, object]:
+        subnet = self.calibrated_subnet(arch, calib_images)
         metrics = classification_metrics(subnet, self.loader(split), torch.device("cpu"))
         flops, params = flops_and_params(self.space, arch)
         return {"arch": arch, "split": split, "mflops": flops / 1e6, "params": params, **metrics}
 
 
-def parse_archs(text: str, space: SearchSpace, seed: int = 0) -> List[ArchConfig]:
-    """min, max, random:N (seeded), or the path of a JSON arch config (or a list of them)."""
-    from .cli import load_arch
+def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], source: str) -> None:
+    """load_state_dict with a one-line error naming the first missing, unexpected or mis-shaped entry."""
+    expected = model.state_dict()
+    missing = [name for name in expected if name not in state]
+    unexpected = [name for name in state if name not in expected]
+    if missing or unexpected:
+        raise ValueError(f"{source!r} does not fit this supernet: {len(missing)} missing entries (first "
+                         f"{missing[:1]}), {len(unexpected)} unexpected (first {unexpected[:1]})")
+    for name, tensor in expected.items():
+        if tuple(state[name].shape) != tuple(tensor.shape):
+            raise ValueError(f"{source!r} does not fit this supernet: {name} has shape {tuple(state[name].shape)}, "
+                             f"expected {tuple(tensor.shape)}")
+    model.load_state_dict(state)
 
+
+def parse_archs(text: str, space: SearchSpace, seed: int = 0) -> List[ArchConfig]:
+    """min, max, a published model name, random:N (seeded), or the path of a JSON arch config."""
     if text.startswith("random:"):
-        try:
-            count = int(text.split(":", 1)[1])
-        except ValueError:
-            raise SystemExit(f"--arch {text!r}: write random:N with N a whole number") from None
+        count = text.split(":", 1)[1]
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"--arch {text!r}: write random:N with N a whole number of at least 1")
         rng = random.Random(seed)
-        return [space.random_config(rng) for _ in range(count)]
+        return [space.random_config(rng) for _ in range(int(count))]
     return [load_arch(text, space)]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="alphanet eval", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet eval", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
-    parser.add_argument("--arch", default="max", help="JSON arch config, min, max or random:N")
+    parser.add_argument("--arch", default="max",
+                        help="min, max, a published model (a0 ... a6, a5_1), random:N, or a JSON arch config file")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
-    parser.add_argument("--calib-batches", type=int, default=None, help="BN calibration batches (default: the run's)")
+    parser.add_argument("--calib-images", type=positive_int, default=EVAL_CALIB_IMAGES,
+                        help=f"training images for BN calibration (default {EVAL_CALIB_IMAGES}, as the reference)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:N")
+    parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
     parser.add_argument("--out", default=None, help="JSON file for the results (default: print only)")
     args = parser.parse_args(argv)
     try:
-        trained = TrainedSupernet.load(args.checkpoint)
-        results = [trained.evaluate(arch, args.split, args.calib_batches) for arch in
-                   parse_archs(args.arch, trained.space, args.seed)]
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path)
+        archs = parse_archs(args.arch, trained.space, args.seed)
+        results = [trained.evaluate(arch, args.split, args.calib_images) for arch in archs]
+        if args.out:
+            ckpt.atomic_write(args.out, json.dumps(results if len(results) > 1 else results[0], indent=2).encode())
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"alphanet eval: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"alphanet eval: cannot write {error.filename or args.out!s}: {error.strerror}") from None
     for result in results:
         print(f"{result['split']} top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
               f"{result['mflops']:.2f} MFLOPs  {result['params'] / 1e6:.3f} M params  arch {json.dumps(result['arch'])}")
     if args.out:
-        with open(args.out, "w") as handle:
-            json.dump(results if len(results) > 1 else results[0], handle, indent=2)
         print(f"wrote {args.out}")
 
 

@@ -14,41 +14,49 @@ from typing import List, Optional
 
 import torch
 
-from .cli import load_arch
-from .evaluate import TrainedSupernet, classification_metrics
+from .checkpoint import atomic_write
+from .config import CommandLineParser
+from .evaluate import EVAL_CALIB_IMAGES, TrainedSupernet, classification_metrics, positive_int
 from .flops import flops_and_params
+from .space import load_arch
 
 
-def export_subnet(trained: TrainedSupernet, arch, out: str, calib_batches: Optional[int] = None) -> dict:
-    os.makedirs(out, exist_ok=True)
-    subnet = trained.calibrated_subnet(arch, calib_batches)
+def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = EVAL_CALIB_IMAGES) -> dict:
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    subnet = trained.calibrated_subnet(arch, calib_images)
     example = trained.splits["train"][0][0].unsqueeze(0).repeat(2, 1, 1, 1)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(subnet, (example,), dynamic_shapes=({0: batch},))
-    torch.export.save(program, os.path.join(out, "model.pt2"))
-    torch.save(subnet.state_dict(), os.path.join(out, "weights.pt"))
     flops, params = flops_and_params(trained.space, arch)
     metrics = classification_metrics(subnet, trained.loader("val"), torch.device("cpu"))
     record = {"arch": arch, "mflops": flops / 1e6, "params": params, "val_top1": metrics["top1"],
               "input_shape": list(example.shape[1:]), "num_classes": trained.space.num_classes}
-    with open(os.path.join(out, "arch.json"), "w") as handle:
-        json.dump(record, handle, indent=2)
+    os.makedirs(out, exist_ok=True)
+    atomic_write(os.path.join(out, "model.pt2"), lambda stream: torch.export.save(program, stream))
+    atomic_write(os.path.join(out, "weights.pt"), lambda stream: torch.save(subnet.state_dict(), stream))
+    atomic_write(os.path.join(out, "arch.json"), json.dumps(record, indent=2).encode())
     return record
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="alphanet export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet export", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
-    parser.add_argument("--arch", required=True, help="JSON arch config, min or max")
+    parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
+    parser.add_argument("--arch", required=True,
+                        help="min, max, a published model (a0 ... a6, a5_1), or a JSON arch config file")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--calib-batches", type=int, default=None)
+    parser.add_argument("--calib-images", type=positive_int, default=EVAL_CALIB_IMAGES,
+                        help=f"training images for BN calibration (default {EVAL_CALIB_IMAGES})")
     args = parser.parse_args(argv)
     try:
-        trained = TrainedSupernet.load(args.checkpoint)
-        record = export_subnet(trained, load_arch(args.arch, trained.space), args.out, args.calib_batches)
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path)
+        record = export_subnet(trained, load_arch(args.arch, trained.space), args.out, args.calib_images)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"alphanet export: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"alphanet export: cannot write {error.filename or args.out!s}: {error.strerror}") from None
     print(f"exported {record['mflops']:.2f} MFLOPs subnet (val top-1 {record['val_top1']:.2f}%) to {args.out}: "
           "arch.json, weights.pt, model.pt2")
 

@@ -29,19 +29,40 @@ def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
     return F.interpolate(x, size=(resolution, resolution), mode="bicubic", align_corners=False)
 
 
-def drop_connect(x: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
-    """Drop whole residual branches per sample (stochastic depth) during training."""
-    if not training or rate <= 0:
+def drop_connect(x: torch.Tensor, rate: float) -> torch.Tensor:
+    """Drop whole residual branches per sample (stochastic depth)."""
+    if rate <= 0:
         return x
     keep = torch.rand(x.size(0), 1, 1, 1, device=x.device, dtype=x.dtype) >= rate
     return x * keep / (1 - rate)
 
 
+def downsample(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """The shortcut's average pool, as AttentiveNAS: a stride-sized window, padded by one (zeros counted
+    in the mean) when the input's width is odd, so the output matches the strided conv's size."""
+    return F.avg_pool2d(x, stride, padding=0 if x.size(-1) % 2 == 0 else 1)
+
+
+class Downsample(nn.Module):
+    """`downsample` as a module of the static subnets."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return downsample(x, self.stride)
+
+
 class ElasticMBConv(nn.Module):
-    def __init__(self, max_in: int, max_out: int, max_kernel: int, max_expand: int, stride: int, use_se: bool):
+    def __init__(self, max_in: int, max_out: int, max_kernel: int, max_expand: int, stride: int, use_se: bool,
+                 drop_connect_rate: float = 0.0):
         super().__init__()
         max_mid = expanded_width(max_in, max_expand)
         self.stride = stride
+        # drop_connect * i / n for the i-th of the max network's n blocks in its last two stages, else 0;
+        # applied (to the max subnet) only where the shortcut is the identity, as AttentiveNAS
+        self.drop_connect_rate = drop_connect_rate
         self.has_expand = max_expand > 1
         if self.has_expand:
             self.expand_conv = ElasticConv2d(max_in, max_mid)
@@ -56,7 +77,7 @@ class ElasticMBConv(nn.Module):
         self.shortcut = ElasticConv2d(max_in, max_out)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel_size: int, expand_ratio: int,
-                drop_rate: float = 0.0) -> torch.Tensor:
+                regularize: bool = False) -> torch.Tensor:
         in_channels = x.size(1)
         h = x
         if self.has_expand:
@@ -65,60 +86,73 @@ class ElasticMBConv(nn.Module):
         if self.se is not None:
             h = self.se(h)
         h = self.project_bn(self.project(h, out_channels))
-        return self.shortcut_of(x, out_channels) + drop_connect(h, drop_rate, self.training)
+        if regularize and self.drop_connect_rate > 0 and self.stride == 1 and in_channels == out_channels:
+            h = drop_connect(h, self.drop_connect_rate)
+        return self.shortcut_of(x, out_channels) + h
 
     def shortcut_of(self, x: torch.Tensor, out_channels: int) -> torch.Tensor:
         if self.stride > 1:
-            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
+            x = downsample(x, self.stride)
         if x.size(1) != out_channels:
             x = self.shortcut(x, out_channels)
         return x
 
 
 class ElasticSupernet(nn.Module):
-    def __init__(self, space: SearchSpace, dropout: float = 0.0, drop_connect: float = 0.0):
+    """The supernet. `model(images, cfg)` runs the subnet `cfg`; `regularize=True` (the max subnet's
+    forward in training, as AlphaNet) turns on dropout before the classifier and drop-connect, which
+    acts on the blocks of the last two stages whose shortcut is the identity, at `drop_connect * i / n`
+    for the i-th of the max network's n blocks. `bn_momentum` is that of every BN layer."""
+
+    def __init__(self, space: SearchSpace, dropout: float = 0.0, drop_connect: float = 0.0,
+                 bn_momentum: float = 0.1):
         super().__init__()
         self.space = space
-        self.dropout, self.drop_connect = dropout, drop_connect
+        self.dropout = dropout
         width = max(space.first_conv_widths)
         self.stem = ElasticConv2d(space.in_channels, width, 3, space.first_conv_stride)
         self.stem_bn = ElasticBatchNorm2d(width)
         self.stages = nn.ModuleList()
-        for stage in space.stages:
+        total_blocks = sum(max(stage.depths) for stage in space.stages)
+        index = 0
+        for stage_index, stage in enumerate(space.stages):
             blocks = nn.ModuleList()
-            for index in range(max(stage.depths)):
+            in_last_two_stages = stage_index >= len(space.stages) - 2
+            for position in range(max(stage.depths)):
+                rate = drop_connect * index / total_blocks if in_last_two_stages else 0.0
                 blocks.append(ElasticMBConv(width, max(stage.widths), max(stage.kernel_sizes), max(stage.expand_ratios),
-                                            stage.stride if index == 0 else 1, stage.use_se))
+                                            stage.stride if position == 0 else 1, stage.use_se, rate))
                 width = max(stage.widths)
+                index += 1
             self.stages.append(blocks)
         self.head_expand = ElasticConv2d(width, HEAD_EXPANSION * width)
         self.head_expand_bn = ElasticBatchNorm2d(HEAD_EXPANSION * width)
         self.head_mix = ElasticConv2d(HEAD_EXPANSION * width, max(space.last_conv_widths))
         self.classifier = ElasticLinear(max(space.last_conv_widths), space.num_classes)
+        for module in self.modules():
+            if isinstance(module, ElasticBatchNorm2d):
+                module.momentum = bn_momentum
         self.active: ArchConfig = space.max_config()
 
     def set_active(self, config: ArchConfig) -> None:
         self.active = self.space.validate(config)
 
-    def forward(self, x: torch.Tensor, config: Optional[ArchConfig] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, config: Optional[ArchConfig] = None, regularize: bool = False) -> torch.Tensor:
         if config is not None:
             self.set_active(config)
         cfg = self.active
+        regularize = regularize and self.training
         widths = cfg["width"]
         x = resize(x, cfg["resolution"])
         x = F.silu(self.stem_bn(self.stem(x, widths[0])))
-        total_blocks = sum(cfg["depth"])
-        done = 0
         for stage_index, blocks in enumerate(self.stages):
             for block in blocks[: cfg["depth"][stage_index]]:
-                rate = self.drop_connect * done / total_blocks
                 x = block(x, widths[stage_index + 1], cfg["kernel_size"][stage_index],
-                          cfg["expand_ratio"][stage_index], rate)
-                done += 1
+                          cfg["expand_ratio"][stage_index], regularize)
         x = F.silu(self.head_expand_bn(self.head_expand(x, HEAD_EXPANSION * x.size(1))))
         x = F.adaptive_avg_pool2d(x, 1)
         x = F.silu(self.head_mix(x, widths[-1])).flatten(1)
-        if self.training and self.dropout > 0:
+        if regularize and self.dropout > 0:
             x = F.dropout(x, self.dropout)
         return self.classifier(x)
 
@@ -161,7 +195,7 @@ class StaticMBConv(nn.Module):
         self.expand = expand if expand is not None else nn.Identity()
         self.depthwise, self.project = depthwise, project
         self.se = se if se is not None else nn.Identity()
-        self.pool = nn.AvgPool2d(pool_stride, ceil_mode=True) if pool_stride > 1 else nn.Identity()
+        self.pool = Downsample(pool_stride) if pool_stride > 1 else nn.Identity()
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -170,18 +204,19 @@ class StaticMBConv(nn.Module):
 
 
 class StaticSubnet(nn.Module):
+    """A subnet as plain layers: inference and fine-tuning (no dropout or drop-connect of its own)."""
+
     def __init__(self, resolution: int, stem: nn.Sequential, blocks: nn.Sequential, head: nn.Sequential,
-                 classifier: nn.Linear, dropout: float):
+                 classifier: nn.Linear):
         super().__init__()
         self.resolution = resolution
         self.stem, self.blocks, self.head, self.classifier = stem, blocks, head, classifier
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.size(-1) != self.resolution or x.size(-2) != self.resolution:
             x = F.interpolate(x, size=[self.resolution, self.resolution], mode="bicubic", align_corners=False)
         x = self.head(self.blocks(self.stem(x)))
-        return self.classifier(self.dropout(torch.flatten(x, 1)))
+        return self.classifier(torch.flatten(x, 1))
 
 
 @torch.no_grad()
@@ -225,5 +260,5 @@ def extract(supernet: ElasticSupernet, config: ArchConfig) -> StaticSubnet:
     classifier = nn.Linear(widths[-1], space.num_classes)
     classifier.weight.copy_(supernet.classifier.weight[:, : widths[-1]])
     classifier.bias.copy_(supernet.classifier.bias)
-    subnet = StaticSubnet(cfg["resolution"], stem, nn.Sequential(*blocks), head, classifier, supernet.dropout)
+    subnet = StaticSubnet(cfg["resolution"], stem, nn.Sequential(*blocks), head, classifier)
     return subnet.train(supernet.training)

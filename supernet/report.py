@@ -1,17 +1,30 @@
-"""End-of-run outputs: the training-curve plot and the summary lines."""
+"""Figures (one helper that writes every PNG atomically), the training-curve plot and the summary lines."""
 from __future__ import annotations
 
+import io
 import os
 from typing import Dict, List
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, never a window
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def save_figure(figure, path: str) -> None:
+    """Lay out, write atomically as PNG, and close."""
+    from .checkpoint import atomic_write
+
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110)
+    plt.close(figure)
+    atomic_write(path, buffer.getvalue())
 
 
 def plot_curves(history: List[Dict[str, float]], path: str) -> None:
     if not history:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     epochs = [record["epoch"] for record in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
@@ -27,9 +40,7 @@ def plot_curves(history: List[Dict[str, float]], path: str) -> None:
     accuracy_axis.set_ylabel("validation top-1 (%), BN recalibrated")
     accuracy_axis.legend()
     accuracy_axis.set_title("validation accuracy")
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def summary_lines(summary: Dict[str, object], out: str) -> List[str]:

@@ -1,13 +1,15 @@
 """`alphanet search`: evolutionary search for the accuracy-vs-FLOPs Pareto front (AlphaNet / AttentiveNAS).
 
-An initial population of random subnets within a FLOPs window is evaluated; then each iteration
-breeds children from the current Pareto front of everything evaluated so far, by mutation (each
-gene resampled with probability 0.2) and crossover (each gene from either parent), keeps those in
-the window not seen before, and evaluates them. Every candidate is BN-calibrated and evaluated on
-the validation split, never the test split. Under torchrun the candidates of a round are split
-across processes; the search itself is driven by one seeded RNG, so the results do not depend on
-the number of processes. After each finished iteration the state is saved; a killed search resumes
-from there.
+As the reference's `parallel_supernet_evo_search.py`: an initial population (the min subnet, then
+random subnets within a FLOPs window) is evaluated; then each iteration breeds children from the
+archive that keeps the best subnet of every `bucket_mflops`-wide FLOPs bucket (10 MFLOPs for
+ImageNet) of everything evaluated so far, by mutation (each gene, with probability 0.2, replaced by
+a different value) and crossover (each gene from either parent), keeps those in the window, and
+evaluates them. Unlike the reference, a child evaluated before is not evaluated again. Every
+candidate is BN-calibrated and evaluated on the validation split, never the test split. Under
+torchrun the candidates of a round are split across processes; the search itself is driven by one
+seeded RNG, so the results do not depend on the number of processes. After each finished iteration
+the state is saved; a killed search resumes from there.
 """
 from __future__ import annotations
 
@@ -20,14 +22,21 @@ from typing import Dict, List, Optional
 
 import torch.distributed as dist
 
-from .evaluate import TrainedSupernet
+from .checkpoint import atomic_write
+from .config import CommandLineParser
+from .evaluate import TrainedSupernet, positive_int
 from .flops import mflops
+from .report import save_figure
 from .space import ArchConfig
 
+# The reference's search: 512 / 128 / 128 / 20 in 200-1200 MFLOPs, 10-MFLOP buckets, 32 x 256 calibration images.
 PRESETS = {
-    "digits": dict(population=32, mutations=8, crossovers=8, iterations=4),
-    "imagenet": dict(population=512, mutations=128, crossovers=128, iterations=20),
+    "digits": dict(population=32, mutations=8, crossovers=8, iterations=4, bucket_mflops=0.05,
+                   min_mflops=None, max_mflops=None),
+    "imagenet": dict(population=512, mutations=128, crossovers=128, iterations=20, bucket_mflops=10.0,
+                     min_mflops=200.0, max_mflops=1200.0),
 }
+SEARCH_CALIB_IMAGES = 32 * 256
 
 
 @dataclass
@@ -36,10 +45,11 @@ class SearchConfig:
     mutations: int
     crossovers: int
     iterations: int
+    bucket_mflops: float = 10.0
     mutation_prob: float = 0.2
     min_mflops: Optional[float] = None  # default: the min subnet's
     max_mflops: Optional[float] = None  # default: the max subnet's
-    calib_batches: Optional[int] = None
+    calib_images: int = SEARCH_CALIB_IMAGES
     seed: int = 0
 
 
@@ -52,6 +62,17 @@ def pareto_front(points: List[Dict[str, object]]) -> List[int]:
         if not dominated:
             front.append(i)
     return front
+
+
+def bucket_archive(points: List[Dict[str, object]], bucket_mflops: float) -> Dict[float, Dict[str, object]]:
+    """The best point (highest top-1; the first of equals) of each FLOPs bucket, keyed by the bucket's
+    centre round(MFLOPs / width) * width, as the reference's `pareto_global`."""
+    best: Dict[float, Dict[str, object]] = {}
+    for point in points:
+        bucket = round(point["mflops"] / bucket_mflops) * bucket_mflops
+        if bucket not in best or best[bucket]["top1"] < point["top1"]:
+            best[bucket] = point
+    return best
 
 
 def _key(arch: ArchConfig) -> str:
@@ -73,7 +94,7 @@ class EvolutionarySearch:
 
     def evaluate_all(self, archs: List[ArchConfig]) -> List[Dict[str, object]]:
         """Each process evaluates its share; every process gets all results, in order."""
-        mine = {i: self.trained.evaluate(arch, "val", self.config.calib_batches)
+        mine = {i: self.trained.evaluate(arch, "val", self.config.calib_images)
                 for i, arch in enumerate(archs) if i % self.world == self.rank}
         if self.world > 1:
             shares = [None] * self.world
@@ -83,7 +104,7 @@ class EvolutionarySearch:
 
     def children(self, archive: List[Dict[str, object]], rng: random.Random) -> List[ArchConfig]:
         space = self.trained.space
-        parents = [archive[i]["arch"] for i in pareto_front(archive)]
+        parents = [point["arch"] for point in bucket_archive(archive, self.config.bucket_mflops).values()]
         seen = {_key(r["arch"]) for r in archive}
         made: List[ArchConfig] = []
 
@@ -106,8 +127,8 @@ class EvolutionarySearch:
         state = self._load_state()
         rng = random.Random(self.config.seed)
         if state is None:
-            # The min and max subnets anchor the front's two ends (where they lie in the window).
-            population = [arch for arch in (space.min_config(), space.max_config()) if self.in_window(arch)]
+            # The min subnet (where it lies in the window), then random subnets within the window.
+            population = [arch for arch in (space.min_config(),) if self.in_window(arch)]
             population += [space.random_config_in_window(rng, lambda a: mflops(space, a), *self.window)
                            for _ in range(self.config.population - len(population))]
             archive = self.evaluate_all(population)
@@ -134,17 +155,18 @@ class EvolutionarySearch:
     def _save_state(self, archive, iteration: int, rng: random.Random) -> None:
         if self.rank != 0:
             return
-        temporary = self.state_path + ".tmp"
-        with open(temporary, "w") as handle:
-            json.dump({"archive": archive, "iteration": iteration, "rng": rng.getstate(),
-                       "config": self.config.__dict__}, handle)
-        os.replace(temporary, self.state_path)
+        atomic_write(self.state_path, json.dumps({"archive": archive, "iteration": iteration, "rng": rng.getstate(),
+                                                  "config": self.config.__dict__}).encode())
 
     def _load_state(self) -> Optional[Dict[str, object]]:
         if not os.path.exists(self.state_path):
             return None
-        with open(self.state_path) as handle:
-            return json.load(handle)
+        try:
+            with open(self.state_path) as handle:
+                state = json.load(handle)
+            return state if {"archive", "iteration", "rng"} <= set(state) else None
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError):
+            raise ValueError(f"{self.state_path!r} is damaged; delete it to start the search afresh") from None
 
 
 def _tuple_state(state):
@@ -155,11 +177,7 @@ def _tuple_state(state):
 def write_outputs(archive: List[Dict[str, object]], out: str) -> None:
     front = set(pareto_front(archive))
     records = [{**record, "on_front": i in front} for i, record in enumerate(archive)]
-    with open(os.path.join(out, "pareto.json"), "w") as handle:
-        json.dump(records, handle, indent=1)
-    import matplotlib
-
-    matplotlib.use("Agg")
+    atomic_write(os.path.join(out, "pareto.json"), json.dumps(records, indent=1).encode())
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 5))
@@ -170,44 +188,56 @@ def write_outputs(archive: List[Dict[str, object]], out: str) -> None:
     axis.set_ylabel("validation top-1 (%), BN recalibrated")
     axis.set_title(f"evolutionary search: {len(records)} subnets")
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(out, "pareto.png"), dpi=110)
-    plt.close(figure)
+    save_figure(figure, os.path.join(out, "pareto.png"))
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="alphanet search", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet search", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
+    parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="sizes: digits (default for a digits run) or imagenet (the paper's)")
-    parser.add_argument("--population", type=int)
-    parser.add_argument("--mutations", type=int)
-    parser.add_argument("--crossovers", type=int)
-    parser.add_argument("--iterations", type=int)
-    parser.add_argument("--mutation-prob", type=float, default=0.2)
-    parser.add_argument("--min-mflops", type=float, default=None)
-    parser.add_argument("--max-mflops", type=float, default=None)
-    parser.add_argument("--calib-batches", type=int, default=None)
+                        help="sizes: digits (default for a digits run) or imagenet (the reference's)")
+    parser.add_argument("--population", type=positive_int, help="initial population (imagenet 512)")
+    parser.add_argument("--mutations", type=int, help="children by mutation per iteration (imagenet 128)")
+    parser.add_argument("--crossovers", type=int, help="children by crossover per iteration (imagenet 128)")
+    parser.add_argument("--iterations", type=int, help="iterations after the initial population (imagenet 20)")
+    parser.add_argument("--bucket-mflops", type=float, help="width of the archive's FLOPs buckets (imagenet 10)")
+    parser.add_argument("--mutation-prob", type=float, default=0.2, help="probability of mutating each gene")
+    parser.add_argument("--min-mflops", type=float, help="FLOPs window (imagenet 200; digits: the min subnet's)")
+    parser.add_argument("--max-mflops", type=float, help="FLOPs window (imagenet 1200; digits: the max subnet's)")
+    parser.add_argument("--calib-images", type=positive_int, default=SEARCH_CALIB_IMAGES,
+                        help=f"training images for BN calibration of each subnet (default {SEARCH_CALIB_IMAGES})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="output folder (default: <run folder>/search)")
     args = parser.parse_args(argv)
+    for name in ("mutations", "crossovers", "iterations"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more")
+    if args.bucket_mflops is not None and not args.bucket_mflops > 0:
+        parser.error("--bucket-mflops must be positive")
+    if not 0 <= args.mutation_prob <= 1:
+        parser.error("--mutation-prob must be in [0, 1]")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")
     try:
-        trained = TrainedSupernet.load(args.checkpoint)
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path)
         preset = PRESETS[args.preset or ("digits" if trained.config.dataset == "digits" else "imagenet")]
         sizes = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in preset}
-        config = SearchConfig(**sizes, mutation_prob=args.mutation_prob, min_mflops=args.min_mflops,
-                              max_mflops=args.max_mflops, calib_batches=args.calib_batches, seed=args.seed)
+        config = SearchConfig(**sizes, mutation_prob=args.mutation_prob, calib_images=args.calib_images,
+                              seed=args.seed)
         run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
         out = args.out or os.path.join(run_dir, "search")
         os.makedirs(out, exist_ok=True)
         archive = EvolutionarySearch(trained, config, out).run()
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            write_outputs(archive, out)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"alphanet search: {error}") from None
+    except OSError as error:
+        where = error.filename or "the output folder"
+        raise SystemExit(f"alphanet search: cannot write {where}: {error.strerror}") from None
     if not dist.is_initialized() or dist.get_rank() == 0:
-        write_outputs(archive, out)
         front = [archive[i] for i in sorted(pareto_front(archive), key=lambda i: archive[i]["mflops"])]
         for record in front:
             print(f"front: {record['mflops']:8.2f} MFLOPs  top-1 {record['top1']:.2f}%")

@@ -8,6 +8,7 @@ Width, kernel and expand ratio are shared by the blocks of a stage; a stage runs
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Tuple
@@ -74,9 +75,14 @@ class SearchSpace:
                          f"after {max_tries} samples")
 
     def mutate(self, config: ArchConfig, rng: random.Random, probability: float = 0.2) -> ArchConfig:
-        """Resample each gene with the given probability."""
-        return self._map_genes(lambda options, value: rng.choice(options) if rng.random() < probability else value,
-                               config)
+        """With the given probability per gene, replace it by a *different* value of its choices (a gene
+        with a single choice keeps it), as the reference's `mutate_and_reset`."""
+        def pick_another(options, value):
+            if rng.random() >= probability or len(options) == 1:
+                return value
+            return rng.choice([option for option in options if option != value])
+
+        return self._map_genes(pick_another, config)
 
     def crossover(self, first: ArchConfig, second: ArchConfig, rng: random.Random) -> ArchConfig:
         """Each gene from either parent with a fair coin."""
@@ -105,7 +111,7 @@ class SearchSpace:
             if not isinstance(values, (list, tuple)) or len(values) != len(genes):
                 raise ValueError(f"arch config {key!r} must be a list of {len(genes)} ints, got {config[key]!r}")
             for index, (value, options) in enumerate(zip(values, genes)):
-                if value not in options:
+                if isinstance(value, bool) or not isinstance(value, int) or value not in options:
                     where = key if key == "resolution" else f"{key}[{index}]"
                     raise ValueError(f"arch config {where} = {value!r} is not in the {self.name!r} space: "
                                      f"choose from {list(options)}")
@@ -116,7 +122,7 @@ def _stage(widths, depths, kernel_sizes, expand_ratios, stride, use_se) -> Stage
     return Stage(tuple(widths), tuple(depths), tuple(kernel_sizes), tuple(expand_ratios), stride, use_se)
 
 
-# AlphaNet = AttentiveNAS (DESIGN section 8).
+# AlphaNet = AttentiveNAS: the search space of their training and search configs.
 ALPHANET = SearchSpace(
     name="alphanet",
     resolutions=(192, 224, 256, 288),
@@ -159,8 +165,74 @@ DIGITS = dataclasses.replace(TINY, name="digits", resolutions=(12, 16))
 SPACES = {space.name: space for space in (ALPHANET, TINY, DIGITS)}
 
 
+@dataclass(frozen=True)
+class PublishedModel:
+    """A named model of AlphaNet's evaluation config, with the MFLOPs and ImageNet top-1 it reports."""
+
+    name: str
+    mflops: int
+    top1: float
+    arch: Dict[str, object]
+
+
+def _published(name, mflops, top1, resolution, width, kernel_size, expand_ratio, depth) -> PublishedModel:
+    return PublishedModel(name, mflops, top1, {"resolution": resolution, "width": width, "depth": depth,
+                                               "kernel_size": kernel_size, "expand_ratio": expand_ratio})
+
+
+# AlphaNet-A0 ... A6 (the `a5` of AlphaNet is its "small" A5; `a5_1` the "base" A5-1).
+PUBLISHED = {model.name: model for model in (
+    _published("a0", 203, 77.87, 192, [16, 16, 24, 32, 64, 112, 192, 216, 1792], [3, 3, 3, 3, 3, 3, 3],
+               [1, 4, 4, 4, 4, 6, 6], [1, 3, 3, 3, 3, 3, 1]),
+    _published("a1", 279, 78.94, 224, [16, 16, 24, 32, 64, 112, 192, 216, 1984], [3, 3, 3, 5, 3, 5, 3],
+               [1, 4, 4, 4, 4, 6, 6], [1, 3, 3, 3, 3, 3, 1]),
+    _published("a2", 317, 79.20, 224, [16, 16, 24, 32, 64, 112, 200, 224, 1984], [3, 3, 3, 3, 3, 5, 3],
+               [1, 4, 5, 4, 4, 6, 6], [1, 3, 3, 3, 3, 4, 1]),
+    _published("a3", 357, 79.41, 224, [16, 16, 24, 32, 64, 112, 208, 224, 1984], [3, 3, 3, 5, 3, 3, 3],
+               [1, 4, 4, 4, 4, 6, 6], [2, 3, 3, 4, 3, 5, 1]),
+    _published("a4", 444, 80.01, 256, [16, 16, 24, 32, 64, 112, 192, 216, 1984], [3, 3, 3, 5, 3, 5, 3],
+               [1, 4, 4, 5, 4, 6, 6], [1, 3, 3, 4, 3, 5, 1]),
+    _published("a5", 491, 80.29, 256, [16, 16, 24, 32, 64, 112, 208, 216, 1984], [3, 3, 3, 3, 3, 5, 3],
+               [1, 4, 4, 5, 4, 6, 6], [1, 3, 3, 4, 4, 5, 1]),
+    _published("a5_1", 596, 80.62, 288, [16, 16, 24, 32, 64, 112, 200, 216, 1984], [3, 3, 5, 5, 3, 3, 3],
+               [1, 4, 4, 4, 5, 6, 6], [2, 3, 4, 3, 3, 5, 1]),
+    _published("a6", 709, 80.78, 288, [16, 16, 24, 32, 64, 112, 216, 224, 1984], [3, 3, 3, 3, 3, 5, 3],
+               [1, 4, 6, 5, 4, 6, 6], [1, 3, 3, 4, 4, 6, 1]),
+)}
+
+
 def get_space(name: str) -> SearchSpace:
     try:
         return SPACES[name]
     except KeyError:
         raise ValueError(f"unknown search space {name!r}: choose from {', '.join(SPACES)}") from None
+
+
+def load_arch(text: str, space: SearchSpace) -> ArchConfig:
+    """An arch by name or file: `min`, `max`, a published model (`a0` ... `a6`, `a5_1`; alphanet space
+    only), or the path of a JSON arch config. Raises ValueError naming the problem."""
+    if text in ("min", "max"):
+        return space.min_config() if text == "min" else space.max_config()
+    if text in PUBLISHED:
+        if space.name != ALPHANET.name:
+            raise ValueError(f"--arch {text!r} is a published AlphaNet model: it needs the alphanet space, "
+                             f"not {space.name!r}")
+        return json.loads(json.dumps(PUBLISHED[text].arch))
+    names = ", ".join(["min", "max", *PUBLISHED])
+    try:
+        with open(text, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except FileNotFoundError:
+        raise ValueError(f"--arch {text!r}: no such file (give a JSON arch config, or one of {names})") from None
+    except IsADirectoryError:
+        raise ValueError(f"--arch {text!r} is a folder, not a JSON arch config file") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--arch {text!r} is not a UTF-8 text file (expected a JSON arch config)") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--arch {text!r} is not valid JSON: {error}") from None
+    except OSError as error:
+        raise ValueError(f"--arch {text!r} cannot be read: {error.strerror}") from None
+    try:
+        return space.validate(config)
+    except ValueError as error:
+        raise ValueError(f"--arch {text!r}: {error}") from None

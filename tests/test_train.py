@@ -17,11 +17,11 @@ import torch.multiprocessing as mp
 import alphadiv_kernels as ak
 from supernet import checkpoint as ckpt
 from supernet import train
-from supernet.config import parse_overrides, resolve_config
+from supernet.config import resolve_config
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = {"epochs": "2", "batch_size": "128", "num_random_subnets": "1", "calib_batches": "2"}
+SMALL = {"epochs": "2", "batch_size": "128", "num_random_subnets": "1", "calib_images": "256"}
 
 
 def small_config(tmp_path, name, **extra):
@@ -38,12 +38,21 @@ def step_losses(run_dir):
 def test_config_layers_preset_yaml_and_overrides(tmp_path):
     yaml_file = tmp_path / "run.yaml"
     yaml_file.write_text("epochs: 7\nkd: kl\nchannels_last: true\n")
-    config = resolve_config("digits", str(yaml_file), parse_overrides(["--epochs", "3", "--lr-per-256=0.2"]))
+    config = resolve_config("digits", str(yaml_file), command_line(["--epochs", "3", "--lr-per-256=0.2"]))
     assert (config.epochs, config.kd, config.channels_last, config.lr_per_256) == (3, "kl", True, 0.2)
-    flags = parse_overrides(["--channels-last", "--amp", "bf16"])
-    assert flags == {"channels_last": "true", "amp": "bf16"}
+    flags = command_line(["--channels-last", "--amp", "bf16", "--kd_clip=2"])
+    assert flags == {"channels_last": "true", "amp": "bf16", "kd_clip": "2"}
     imagenet = resolve_config("imagenet", overrides={"data_path": "/data/imagenet"})
-    assert (imagenet.space, imagenet.epochs, imagenet.warmup_epochs, imagenet.calib_batches) == ("alphanet", 360, 5, 64)
+    assert (imagenet.space, imagenet.epochs, imagenet.warmup_epochs, imagenet.batch_size, imagenet.calib_images,
+            imagenet.amp, imagenet.bn_momentum) == ("alphanet", 360, 5, 32, 2048, "off", 0.0)
+
+
+def command_line(tokens):
+    from supernet.config import CommandLineParser, add_config_arguments, overrides
+
+    parser = CommandLineParser(prog="alphanet train")
+    add_config_arguments(parser)
+    return overrides(parser.parse_args(tokens))
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -51,7 +60,7 @@ def test_config_layers_preset_yaml_and_overrides(tmp_path):
     ({"epochs": "three"}, "'epochs' expects int"),
     ({"channels_last": "maybe"}, "'channels_last' expects true/false"),
     ({"kd": "js"}, "'kd' must be one of"),
-    ({"dataset": "cifar10"}, "needs --data_path"),
+    ({"dataset": "cifar10"}, "needs a data folder"),
 ])
 def test_bad_config_keys_and_values_are_named(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -81,7 +90,7 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_
 def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
     out = tmp_path / "killed"
     command = [sys.executable, "-m", "supernet.train", "--epochs", "3", "--batch_size", "128",
-               "--num_random_subnets", "1", "--calib_batches", "2", "--checkpoint_every", "2", "--out", str(out)]
+               "--num_random_subnets", "1", "--calib_images", "256", "--checkpoint_every", "2", "--out", str(out)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
@@ -191,7 +200,7 @@ def test_torchrun_two_processes_end_to_end(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "supernet.train", "--epochs", "1", "--batch_size", "64", "--num_random_subnets", "1",
-               "--calib_batches", "2", "--out", str(out)]
+               "--calib_images", "256", "--out", str(out)]
     done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
@@ -225,7 +234,7 @@ def test_cifar10_folder_loads_and_trains(tmp_path):
     assert image.shape == (3, 32, 32) and 0 <= int(label) < 10
     config = resolve_config("digits", overrides={"dataset": "cifar10", "data_path": str(tmp_path / "cifar"),
                                                  "space": "tiny", "epochs": "1", "batch_size": "32",
-                                                 "num_random_subnets": "1", "calib_batches": "1",
+                                                 "num_random_subnets": "1", "calib_images": "32",
                                                  "out": str(tmp_path / "run")})
     summary = train.run_training(config)
     assert summary["step"] == 2 and 0 <= summary["test_top1_max"] <= 100

@@ -24,12 +24,13 @@ import json, re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from alphadiv_kernels import _constants as codes
 from alphadiv_kernels import triton_adaptive_kd as tk
 
 kernel = tk.adaptive_kd_kernel
 names = kernel.arg_names
-FORWARD, REVERSE, GENERAL, NEG_ONE = (tk.BRANCH_FORWARD_KL, tk.BRANCH_REVERSE_KL, tk.BRANCH_GENERAL,
-                                      tk.BRANCH_NEG_ONE)
+FORWARD, REVERSE, GENERAL, NEG_ONE = (codes.BRANCH_FORWARD_KL, codes.BRANCH_REVERSE_KL, codes.BRANCH_GENERAL,
+                                      codes.BRANCH_NEG_ONE)
 # (dtype, single block, BLOCK, num_warps, lo, hi, same alpha, mask, surrogate, gradient)
 CASES = [
     ("bf16", True, 1024, 4, NEG_ONE, FORWARD, False, False, False, True),
