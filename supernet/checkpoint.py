@@ -63,6 +63,8 @@ def load(path: str) -> Dict[str, object]:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to parse: truncated, empty, random bytes, not a torch file
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if reason.startswith("Weights only load failed"):
+            reason = "it holds Python objects that a weights-only load refuses"
         size = os.path.getsize(file)
         raise ValueError(f"{file!r} is not a readable checkpoint ({size} bytes; {reason[:160]}); it may be "
                          "truncated or not a checkpoint of `alphanet train`") from None

@@ -184,6 +184,14 @@ def from_saved(values: Dict[str, object], source: str) -> TrainConfig:
     return apply(TrainConfig(), values, source)
 
 
+def error_line(error: Exception) -> str:
+    """One line for a user: our own errors as written, the system's as `'path': reason`."""
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename or "a file"
+        return f"cannot write or read {where!r}: {error.strerror}"
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
 class CommandLineParser(argparse.ArgumentParser):
     """argparse with one-line errors (`alphanet train: error: ...`) instead of usage + error."""
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import checkpoint as ckpt
-from .config import CommandLineParser, TrainConfig, apply, to_dict
+from .config import CommandLineParser, TrainConfig, apply, error_line, to_dict
 from .model import ElasticSupernet
 from .space import ALPHANET, SearchSpace
 
@@ -141,9 +141,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     try:
         state = convert(args.source, args.destination, args.data_path)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"alphanet convert: {error}") from None
-    except OSError as error:
-        raise SystemExit(f"alphanet convert: cannot write {args.destination!r}: {error.strerror}") from None
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"alphanet convert: {error_line(error)}") from None
     print(f"converted {len(state['model'])} entries into {args.destination} (alphanet space, 1000 classes); "
           f"evaluate with: alphanet eval --checkpoint {args.destination} --arch a0 --data-path IMAGENET_DIR")

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
-from .config import CommandLineParser, TrainConfig
+from .config import CommandLineParser, TrainConfig, error_line
 from .data import load_splits, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
@@ -149,10 +149,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         results = [trained.evaluate(arch, args.split, args.calib_images) for arch in archs]
         if args.out:
             ckpt.atomic_write(args.out, json.dumps(results if len(results) > 1 else results[0], indent=2).encode())
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"alphanet eval: {error}") from None
-    except OSError as error:
-        raise SystemExit(f"alphanet eval: cannot write {error.filename or args.out!s}: {error.strerror}") from None
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"alphanet eval: {error_line(error)}") from None
     for result in results:
         print(f"{result['split']} top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  loss {result['loss']:.4f}  "
               f"{result['mflops']:.2f} MFLOPs  {result['params'] / 1e6:.3f} M params  arch {json.dumps(result['arch'])}")

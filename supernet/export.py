@@ -15,7 +15,7 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import atomic_write
-from .config import CommandLineParser
+from .config import CommandLineParser, error_line
 from .evaluate import EVAL_CALIB_IMAGES, TrainedSupernet, classification_metrics, positive_int
 from .flops import flops_and_params
 from .space import load_arch
@@ -53,10 +53,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         trained = TrainedSupernet.load(args.checkpoint, args.data_path)
         record = export_subnet(trained, load_arch(args.arch, trained.space), args.out, args.calib_images)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"alphanet export: {error}") from None
-    except OSError as error:
-        raise SystemExit(f"alphanet export: cannot write {error.filename or args.out!s}: {error.strerror}") from None
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"alphanet export: {error_line(error)}") from None
     print(f"exported {record['mflops']:.2f} MFLOPs subnet (val top-1 {record['val_top1']:.2f}%) to {args.out}: "
           "arch.json, weights.pt, model.pt2")
 

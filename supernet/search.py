@@ -23,7 +23,7 @@ from typing import Dict, List, Optional
 import torch.distributed as dist
 
 from .checkpoint import atomic_write
-from .config import CommandLineParser
+from .config import CommandLineParser, error_line
 from .evaluate import TrainedSupernet, positive_int
 from .flops import mflops
 from .report import save_figure
@@ -232,11 +232,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         archive = EvolutionarySearch(trained, config, out).run()
         if not dist.is_initialized() or dist.get_rank() == 0:
             write_outputs(archive, out)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"alphanet search: {error}") from None
-    except OSError as error:
-        where = error.filename or "the output folder"
-        raise SystemExit(f"alphanet search: cannot write {where}: {error.strerror}") from None
+    except (ValueError, OSError) as error:
+        raise SystemExit(f"alphanet search: {error_line(error)}") from None
     if not dist.is_initialized() or dist.get_rank() == 0:
         front = [archive[i] for i in sorted(pareto_front(archive), key=lambda i: archive[i]["mflops"])]
         for record in front:

@@ -34,8 +34,8 @@ from alphadiv_kernels import fused_adaptive_kd
 from . import checkpoint as ckpt
 from . import runlog
 from .calibration import recalibrate_bn
-from .config import (CommandLineParser, TrainConfig, add_config_arguments, overrides, resolve_config, save_yaml,
-                     to_dict)
+from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, overrides, resolve_config,
+                     save_yaml, to_dict)
 from .data import load_splits, num_classes
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .model import ElasticSupernet
@@ -450,11 +450,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     except KeyboardInterrupt:
         print("alphanet train: interrupted; the last checkpoint is kept", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
-        raise SystemExit(f"alphanet train: {error}") from None
-    except OSError as error:
-        raise SystemExit(f"alphanet train: cannot write or read {error.filename or 'a file'!s}: "
-                         f"{error.strerror or error}") from None
+    except (ValueError, OSError, NonFiniteLossError) as error:
+        raise SystemExit(f"alphanet train: {error_line(error)}") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
