@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import subprocess
@@ -23,6 +24,10 @@ from .timing import copy_bandwidth_gbs, time_in_rounds
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["loss", "fused-linear"], default="loss",
+                        help="loss: the KD loss on logits (default); fused-linear: projection + loss, chunked")
+    parser.add_argument("--linear-shapes", nargs="+", default=None,
+                        help="NxHxV shapes of the fused-linear suite (default: 4096x1024x32000 on CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -92,9 +97,27 @@ def run_case(case: Case, providers: Dict, args, copy_gbs: float) -> List[report.
     return rows
 
 
+def run_fused_linear(args, dtype: torch.dtype) -> List[dict]:
+    from . import fused_linear
+
+    print(machine_description(args.device))
+    shapes = args.linear_shapes or fused_linear.DEFAULT_LINEAR_SHAPES[args.device]
+    rows = fused_linear.run(shapes, dtype, args.device, min(args.repeats, 5), args.budget, not args.no_memory)
+    fused_linear.print_table(rows)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or os.path.join("results", f"fused-linear-{args.device}-{stamp}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as handle:
+        json.dump({"machine": machine_description(args.device), "rows": rows}, handle, indent=1)
+    print(f"wrote {os.path.join(out_dir, 'results.json')}")
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> List[report.Row]:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[args.device])
+    if args.suite == "fused-linear":
+        return run_fused_linear(args, dtype)
     shapes = [parse_shape(text) for text in (args.shapes or DEFAULT_SHAPES[args.device])]
     providers = select_providers(args.providers, args.device)
     machine = machine_description(args.device)

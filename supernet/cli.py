@@ -13,6 +13,8 @@ SUBCOMMANDS = {  # name: (module, help)
     "search": ("search", "evolutionary search for the accuracy-vs-FLOPs front"),
     "export": ("export", "a subnet as a standalone model"),
     "convert": ("convert", "a supernet checkpoint of the AlphaNet reference code, in this project's format"),
+    "distill": ("distill", "a student from a fixed teacher: (1 - beta) CE + beta T^2 adaptive KD"),
+    "finetune": ("finetune", "transfer a trained model to new classes or data (hold-out LR / WD search)"),
 }
 EXTRA_MODULES = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn",
                  "torchvision": "torchvision"}

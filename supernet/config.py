@@ -12,12 +12,8 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional
 
-GROUPS = ("data", "sandwich", "regularisation", "optimisation", "execution", "outputs")
-
-
 def key(default, group: str, help: str):
     """A config key: its default, its --help group and its one line of help."""
-    assert group in GROUPS
     return field(default=default, metadata={"group": group, "help": help})
 
 
@@ -75,13 +71,14 @@ NON_NEGATIVE = ("num_random_subnets", "warmup_epochs", "workers", "seed", "check
 FRACTIONS = ("label_smoothing", "dropout", "drop_connect", "bn_momentum")  # in [0, 1)
 
 
-def field_types() -> Dict[str, type]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig)}
+def field_types(cls: type = None) -> Dict[str, type]:
+    """The keys and types of a config dataclass (TrainConfig by default)."""
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
 
 
-def _convert(name: str, value: object) -> object:
-    kind = field_types()[name]
+def _convert(name: str, value: object, kind: type) -> object:
     if isinstance(value, str) and kind is not str:
         text = value.strip().lower()
         if kind is bool:
@@ -101,12 +98,13 @@ def _convert(name: str, value: object) -> object:
     return value
 
 
-def apply(config: TrainConfig, values: Dict[str, object], source: str) -> TrainConfig:
-    known = field_types()
+def apply(config, values: Dict[str, object], source: str):
+    """Set config keys from strings or values, each converted and type-checked."""
+    known = field_types(type(config))
     for name, value in values.items():
         if name not in known:
             raise ValueError(f"unknown config key {name!r} in {source}; see --help for the keys")
-        setattr(config, name, _convert(name, value))
+        setattr(config, name, _convert(name, value, known[name]))
     return config
 
 
@@ -144,24 +142,29 @@ def resolve_config(preset: str = "digits", yaml_path: Optional[str] = None,
     return config
 
 
-def validate(config: TrainConfig) -> None:
-    """Raise ValueError naming the first bad key: choices, ranges, finiteness and consistency."""
-    for name, allowed in CHOICES.items():
+def check_ranges(config, choices: Dict[str, tuple], positive=(), non_negative=(), fractions=()) -> None:
+    """ValueError naming the first key out of its choices or range, or not finite."""
+    for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"config key {name!r} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")
-    for name, kind in field_types().items():
+    for name, kind in field_types(type(config)).items():
         value = getattr(config, name)
         if kind is float and not math.isfinite(value):
             raise ValueError(f"config key {name!r} must be a finite number, got {value}")
-    for name in POSITIVE:
+    for name in positive:
         if getattr(config, name) <= 0:
             raise ValueError(f"config key {name!r} must be positive, got {getattr(config, name)}")
-    for name in NON_NEGATIVE:
+    for name in non_negative:
         if getattr(config, name) < 0:
             raise ValueError(f"config key {name!r} must be 0 or more, got {getattr(config, name)}")
-    for name in FRACTIONS:
+    for name in fractions:
         if not 0 <= getattr(config, name) < 1:
             raise ValueError(f"config key {name!r} must be in [0, 1), got {getattr(config, name)}")
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise ValueError naming the first bad key: choices, ranges, finiteness and consistency."""
+    check_ranges(config, CHOICES, POSITIVE, NON_NEGATIVE, FRACTIONS)
     if config.alpha_min > config.alpha_max:
         raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
     if config.dataset != "digits" and not config.data_path:
@@ -172,7 +175,7 @@ def validate(config: TrainConfig) -> None:
                          "digits or tiny space")
 
 
-def to_dict(config: TrainConfig) -> Dict[str, object]:
+def to_dict(config) -> Dict[str, object]:
     return dataclasses.asdict(config)
 
 
@@ -192,25 +195,34 @@ def error_line(error: Exception) -> str:
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and every option's default."""
+
+
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`alphanet train: error: ...`) instead of usage + error."""
+    """argparse with one-line errors (`alphanet train: error: ...`) instead of usage + error, and the
+    defaults in --help."""
 
     def __init__(self, *args, **kwargs):
+        kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """Every config key as `--key VALUE` (also `--key=VALUE`, dashes or underscores), grouped in --help with
-    its type, default and help. Values stay strings here; `overrides` collects the ones given."""
-    for group in GROUPS:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None) -> None:
+    """Every key of a config dataclass as `--key VALUE` (also `--key=VALUE`, dashes or underscores), grouped
+    in --help with its type, default and help. Values stay strings here; `overrides` collects them."""
+    cls = cls or TrainConfig
+    types = field_types(cls)
+    groups = dict.fromkeys(item.metadata["group"] for item in fields(cls))
+    for group in groups:
         section = parser.add_argument_group(f"{group} keys (also in the YAML file of --config)")
-        for item in fields(TrainConfig):
+        for item in fields(cls):
             if item.metadata["group"] != group:
                 continue
-            kind = field_types()[item.name]
+            kind = types[item.name]
             names = dict.fromkeys([f"--{item.name}", f"--{item.name.replace('_', '-')}"])
             default = item.default if item.default != "" else "''"
             extra = dict(nargs="?", const="true") if kind is bool else {}
@@ -218,12 +230,12 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                                  help=f"{item.metadata['help']} (default {default})", **extra)
 
 
-def overrides(args: argparse.Namespace) -> Dict[str, str]:
+def overrides(args: argparse.Namespace, cls: type = None) -> Dict[str, str]:
     """The config keys given on the command line."""
-    return {name: value for name, value in vars(args).items() if name in field_types()}
+    return {name: value for name, value in vars(args).items() if name in field_types(cls)}
 
 
-def save_yaml(config: TrainConfig, path: str) -> None:
+def save_yaml(config, path: str) -> None:
     import yaml
 
     from .checkpoint import atomic_write

@@ -31,7 +31,8 @@ def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = 
     flops, params = flops_and_params(trained.space, arch)
     metrics = classification_metrics(subnet, trained.loader("val"), torch.device("cpu"))
     record = {"arch": arch, "mflops": flops / 1e6, "params": params, "val_top1": metrics["top1"],
-              "input_shape": list(example.shape[1:]), "num_classes": trained.space.num_classes}
+              "input_shape": list(example.shape[1:]), "num_classes": trained.space.num_classes,
+              "space": trained.space.name}
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "model.pt2"), lambda stream: torch.export.save(program, stream))
     atomic_write(os.path.join(out, "weights.pt"), lambda stream: torch.save(subnet.state_dict(), stream))

@@ -22,20 +22,25 @@ def save_figure(figure, path: str) -> None:
     atomic_write(path, buffer.getvalue())
 
 
-def plot_curves(history: List[Dict[str, float]], path: str) -> None:
+SUPERNET_LOSSES = {"train_ce": "max subnet cross-entropy", "train_kd": "KD loss (mean over students)"}
+SUPERNET_ACCURACIES = {"val_top1_max": "max subnet", "val_top1_min": "min subnet"}
+
+
+def plot_curves(history: List[Dict[str, float]], path: str, losses: Dict[str, str] = SUPERNET_LOSSES,
+                accuracies: Dict[str, str] = SUPERNET_ACCURACIES) -> None:
+    """Training losses (log scale) and validation accuracies per epoch, from the run's history."""
     if not history:
         return
-
     epochs = [record["epoch"] for record in history]
     figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(11, 4))
-    loss_axis.plot(epochs, [r["train_ce"] for r in history], label="max subnet cross-entropy")
-    loss_axis.plot(epochs, [r["train_kd"] for r in history], label="KD loss (mean over students)")
+    for name, label in losses.items():
+        loss_axis.plot(epochs, [max(r[name], 1e-12) for r in history], label=label)
     loss_axis.set_xlabel("epoch")
     loss_axis.set_yscale("log")
     loss_axis.legend()
     loss_axis.set_title("training losses")
-    accuracy_axis.plot(epochs, [r["val_top1_max"] for r in history], marker="o", label="max subnet")
-    accuracy_axis.plot(epochs, [r["val_top1_min"] for r in history], marker="o", label="min subnet")
+    for name, label in accuracies.items():
+        accuracy_axis.plot(epochs, [r[name] for r in history], marker="o", label=label)
     accuracy_axis.set_xlabel("epoch")
     accuracy_axis.set_ylabel("validation top-1 (%), BN recalibrated")
     accuracy_axis.legend()

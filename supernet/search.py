@@ -18,7 +18,7 @@ import json
 import os
 import random
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
@@ -27,7 +27,7 @@ from .config import CommandLineParser, error_line
 from .evaluate import TrainedSupernet, positive_int
 from .flops import mflops
 from .report import save_figure
-from .space import ArchConfig
+from .space import ArchConfig, load_arch
 
 # The reference's search: 512 / 128 / 128 / 20 in 200-1200 MFLOPs, 10-MFLOP buckets, 32 x 256 calibration images.
 PRESETS = {
@@ -51,6 +51,7 @@ class SearchConfig:
     max_mflops: Optional[float] = None  # default: the max subnet's
     calib_images: int = SEARCH_CALIB_IMAGES
     seed: int = 0
+    seeds: Tuple[Dict[str, object], ...] = ()  # archs placed in the initial population (e.g. published ones)
 
 
 def pareto_front(points: List[Dict[str, object]]) -> List[int]:
@@ -129,6 +130,7 @@ class EvolutionarySearch:
         if state is None:
             # The min subnet (where it lies in the window), then random subnets within the window.
             population = [arch for arch in (space.min_config(),) if self.in_window(arch)]
+            population += [arch for arch in self.config.seeds if arch not in population]
             population += [space.random_config_in_window(rng, lambda a: mflops(space, a), *self.window)
                            for _ in range(self.config.population - len(population))]
             archive = self.evaluate_all(population)
@@ -209,6 +211,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--calib-images", type=positive_int, default=SEARCH_CALIB_IMAGES,
                         help=f"training images for BN calibration of each subnet (default {SEARCH_CALIB_IMAGES})")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--include", nargs="+", default=[], metavar="ARCH",
+                        help="archs to put in the initial population: published names (a0 ... a6, a5_1) or JSON files")
     parser.add_argument("--out", default=None, help="output folder (default: <run folder>/search)")
     args = parser.parse_args(argv)
     for name in ("mutations", "crossovers", "iterations"):
@@ -224,8 +228,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         trained = TrainedSupernet.load(args.checkpoint, args.data_path)
         preset = PRESETS[args.preset or ("digits" if trained.config.dataset == "digits" else "imagenet")]
         sizes = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in preset}
+        seeds = tuple(load_arch(text, trained.space) for text in args.include)
         config = SearchConfig(**sizes, mutation_prob=args.mutation_prob, calib_images=args.calib_images,
-                              seed=args.seed)
+                              seed=args.seed, seeds=seeds)
         run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
         out = args.out or os.path.join(run_dir, "search")
         os.makedirs(out, exist_ok=True)

@@ -369,3 +369,11 @@ def test_conversion_never_runs_pickled_code(tmp_path):
     with pytest.raises(SystemExit, match="objects other than plain data"):
         cli_main(["convert", str(tmp_path / "evil.pth.tar"), str(tmp_path / "out.pt")])
     assert not (tmp_path / "pwned").exists() and not (tmp_path / "out.pt").exists()
+
+
+def test_search_can_seed_its_initial_population_with_given_archs(tmp_path):
+    rng = random.Random(5)
+    seeds = tuple(DIGITS.random_config(rng) for _ in range(2))
+    config = SearchConfig(population=6, mutations=0, crossovers=0, iterations=0, bucket_mflops=0.2, seeds=seeds)
+    archive = EvolutionarySearch(_FakeTrained(), config, str(tmp_path)).run()
+    assert [point["arch"] for point in archive[:3]] == [DIGITS.min_config(), *seeds] and len(archive) == 6

@@ -1,0 +1,160 @@
+"""fused_linear_adaptive_kd against the unfused computation in float64: value and the gradients of the
+student's input, weight and bias, chunk by chunk."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import alphadiv_kernels as ak
+from alphadiv_kernels.fused_linear import default_chunk_size
+
+BACKENDS = [b for b in ("cpu", "reference", "triton") if b in ak.available_backends()]
+
+
+def make_problem(gen, rows, hidden, vocab, teacher_hidden=None, bias=True, dtype=torch.float32):
+    teacher_hidden = teacher_hidden or hidden
+    draw = lambda *shape, scale=1.0: (torch.randn(*shape, generator=gen) * scale).to(dtype)
+    return dict(
+        student_input=draw(rows, hidden), student_weight=draw(vocab, hidden, scale=hidden ** -0.5 * 2),
+        student_bias=draw(vocab, scale=0.5) if bias else None,
+        teacher_input=draw(rows, teacher_hidden), teacher_weight=draw(vocab, teacher_hidden,
+                                                                      scale=teacher_hidden ** -0.5 * 3),
+        teacher_bias=draw(vocab, scale=0.5) if bias else None)
+
+
+def unfused64(problem, **kwargs):
+    """The logits in float64, the reference loss, autograd: value and grads of input, weight, bias."""
+    leaves = {k: problem[k].double().requires_grad_(True) for k in ("student_input", "student_weight", "student_bias")
+              if problem[k] is not None}
+    logits = torch.nn.functional.linear(leaves["student_input"], leaves["student_weight"], leaves.get("student_bias"))
+    teacher_bias = problem["teacher_bias"].double() if problem["teacher_bias"] is not None else None
+    teacher = torch.nn.functional.linear(problem["teacher_input"].double(), problem["teacher_weight"].double(),
+                                         teacher_bias)
+    loss = ak.adaptive_kd_reference(logits, teacher, **kwargs)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return loss.detach(), dict(zip(leaves, grads))
+
+
+def fused(problem, backend, **kwargs):
+    leaves = {k: problem[k].clone().requires_grad_(True) for k in ("student_input", "student_weight", "student_bias")
+              if problem[k] is not None}
+    loss = ak.fused_linear_adaptive_kd(
+        leaves["student_input"], leaves["student_weight"], problem["teacher_input"], problem["teacher_weight"],
+        student_bias=leaves.get("student_bias"), teacher_bias=problem["teacher_bias"], backend=backend, **kwargs)
+    loss.backward()
+    return loss.detach(), {k: v.grad for k, v in leaves.items()}
+
+
+def assert_matches(got, expected, rows):
+    (value, grads), (ref_value, ref_grads) = got, expected
+    torch.testing.assert_close(value.double(), ref_value, rtol=1e-5, atol=1e-7)
+    for name, grad in grads.items():
+        ref = ref_grads[name]
+        scale = ref.abs().max().item()
+        torch.testing.assert_close(grad.double(), ref, rtol=1e-4, atol=2e-5 * scale + 1e-7 / rows, msg=name)
+
+
+CASES = [
+    # (rows, hidden, vocab, teacher_hidden, chunk, reduction, temperature, masked, bias)
+    (37, 16, 50, None, 8, "mean", 1.0, False, True),      # N not a multiple of the chunk
+    (9, 12, 30, 20, 1, "sum", 1.0, False, True),          # a chunk of one row; teacher of another size
+    (40, 16, 64, 24, None, "mean", 2.5, True, True),      # masked rows, temperature, default chunk
+    (33, 8, 100, None, 16, "sum", 1.0, True, False),      # no biases
+    (16, 32, 40, None, 64, "mean", 1.0, False, True),     # one chunk larger than N
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows,hidden,vocab,teacher_hidden,chunk,reduction,temperature,masked,bias", CASES)
+def test_fused_linear_equals_the_unfused_float64_computation(gen, backend, rows, hidden, vocab, teacher_hidden,
+                                                             chunk, reduction, temperature, masked, bias):
+    if backend == "triton" and vocab > 64:
+        pytest.skip("the interpreter is slow")
+    problem = make_problem(gen, rows, hidden, vocab, teacher_hidden, bias)
+    mask = (torch.rand(rows, generator=gen) < 0.7) if masked else None
+    kwargs = dict(alpha_min=-1.0, alpha_max=1.0, clip=5.0, temperature=temperature, reduction=reduction, mask=mask)
+    expected = unfused64(problem, **kwargs)
+    assert_matches(fused(problem, backend, chunk_size=chunk, **kwargs), expected, rows)
+
+
+def test_leading_dimensions_and_alpha_pairs(gen):
+    problem = make_problem(gen, 24, 10, 30)
+    problem["student_input"] = problem["student_input"].reshape(4, 6, 10)
+    problem["teacher_input"] = problem["teacher_input"].reshape(4, 6, 10)
+    mask = torch.rand(4, 6, generator=gen) < 0.5
+    for alphas in ((-2.0, 0.5), (0.0, 1.0), (1.0, 1.0)):
+        kwargs = dict(alpha_min=alphas[0], alpha_max=alphas[1], clip=3.0, mask=mask)
+        value, grads = fused(problem, "auto", chunk_size=5, **kwargs)
+        ref_value, ref_grads = unfused64(problem, **kwargs)
+        assert grads["student_input"].shape == (4, 6, 10)
+        assert_matches((value, grads), (ref_value, ref_grads), 24)
+
+
+def test_teacher_gets_no_gradient_and_no_rows_means_zero(gen):
+    problem = make_problem(gen, 6, 8, 20)
+    teacher_weight = problem["teacher_weight"].requires_grad_(True)
+    student_input = problem["student_input"].requires_grad_(True)
+    loss = ak.fused_linear_adaptive_kd(student_input, problem["student_weight"], problem["teacher_input"],
+                                       teacher_weight, mask=torch.zeros(6, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and teacher_weight.grad is None and (student_input.grad == 0).all()
+
+
+def test_bf16_accumulates_the_weight_gradient_in_fp32(gen):
+    problem = make_problem(gen, 64, 16, 40, dtype=torch.bfloat16)
+    value, grads = fused(problem, "auto", chunk_size=4)
+    ref_value, ref_grads = unfused64(problem)
+    assert grads["student_weight"].dtype == torch.bfloat16
+    error = (grads["student_weight"].double() - ref_grads["student_weight"]).abs().max()
+    assert error <= 0.02 * ref_grads["student_weight"].abs().max()
+    assert abs(value.double() - ref_value) <= 0.02 * abs(ref_value)
+
+
+def test_default_chunk_keeps_the_logits_below_three_quarters_of_the_weight_gradient():
+    assert default_chunk_size(4096, 1024, 4) == 256 and default_chunk_size(4096, 1024, 2) == 512
+    assert default_chunk_size(10, 4096, 4) == 10 and default_chunk_size(100, 2, 4) == 1
+    for rows, hidden, vocab, itemsize in ((4096, 1024, 32000, 4), (8192, 4096, 128256, 2), (100, 64, 50257, 4)):
+        chunk = default_chunk_size(rows, hidden, itemsize)
+        assert 3 * chunk * vocab * itemsize <= 0.75 * vocab * hidden * 4 or chunk == 1
+        assert chunk == rows or 3 * (2 * chunk) * vocab * itemsize > 0.75 * vocab * hidden * 4
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"reduction": "none"}, "reduction must be 'mean' or 'sum'"),
+    ({"chunk_size": 0}, "chunk_size"),
+    ({"temperature": -1.0}, "temperature"),
+    ({"mask": torch.ones(3, dtype=torch.bool)}, "mask must be a bool tensor of shape"),
+])
+def test_bad_arguments_are_named(gen, kwargs, message):
+    problem = make_problem(gen, 6, 8, 20)
+    with pytest.raises((ValueError, TypeError), match=message):
+        ak.fused_linear_adaptive_kd(problem["student_input"], problem["student_weight"], problem["teacher_input"],
+                                    problem["teacher_weight"], **kwargs)
+    with pytest.raises(ValueError, match="hidden size"):
+        ak.fused_linear_adaptive_kd(problem["student_input"], problem["student_weight"][:, :5],
+                                    problem["teacher_input"], problem["teacher_weight"])
+
+
+def test_module_form(gen):
+    problem = make_problem(gen, 10, 8, 20)
+    loss_fn = ak.FusedLinearAdaptiveKDLoss(temperature=2.0, chunk_size=3)
+    expected = ak.fused_linear_adaptive_kd(problem["student_input"], problem["student_weight"],
+                                           problem["teacher_input"], problem["teacher_weight"],
+                                           student_bias=problem["student_bias"], teacher_bias=problem["teacher_bias"],
+                                           temperature=2.0, chunk_size=3)
+    got = loss_fn(problem["student_input"], problem["student_weight"], problem["teacher_input"],
+                  problem["teacher_weight"], problem["student_bias"], problem["teacher_bias"])
+    assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="reduction"):
+        ak.FusedLinearAdaptiveKDLoss(reduction="none")
+
+
+def test_retained_graph_and_scaled_backward_give_the_same_gradients(gen):
+    problem = make_problem(gen, 12, 8, 20)
+    x = problem["student_input"].clone().requires_grad_(True)
+    loss = ak.fused_linear_adaptive_kd(x, problem["student_weight"], problem["teacher_input"],
+                                       problem["teacher_weight"], chunk_size=5)
+    (once,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (again,) = torch.autograd.grad(3.0 * loss, x)
+    torch.testing.assert_close(again, 3.0 * once)
+    assert x.grad is None
