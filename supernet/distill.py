@@ -52,6 +52,9 @@ class DistillConfig:
     student: str = key("arch:digits:min", "models", f"the student: {models.SPEC_HELP}")
     teacher: str = key("", "models", "the teacher (same specs); default: the max subnet of the student's space, "
                                      "trained first")
+    teacher_checkpoint: str = key("", "models", "a trained supernet (run folder or checkpoint) whose subnet "
+                                                "--teacher_arch is the teacher (same as --teacher supernet:RUN:ARCH)")
+    teacher_arch: str = key("max", "models", "the teacher's arch in --teacher_checkpoint: min, max, a0 ... or JSON")
     teacher_epochs: int = key(20, "models", "epochs of a teacher trained first on the labels")
     kd: str = key("adaptive", "distillation", "adaptive (alpha-divergence) | kl | none (labels only)")
     beta: float = key(0.9, "distillation", "weight of the KD term: (1 - beta) CE + beta T^2 KD_T")
@@ -107,6 +110,8 @@ def validate(config: DistillConfig) -> None:
     if config.cache_teacher and config.dataset != "digits":
         raise ValueError(f"--cache_teacher needs data without random augmentation; {config.dataset!r} training "
                          "images are augmented, so the teacher must see each one")
+    if config.teacher_checkpoint and config.teacher:
+        raise ValueError("give the teacher either as --teacher or as --teacher_checkpoint, not both")
     for name in ("student", "teacher"):
         spec = getattr(config, name)
         if spec and spec.partition(":")[0] not in ("arch", "supernet", "export", "torchvision"):
@@ -125,6 +130,8 @@ def resolve(preset: str = "digits", yaml_path: Optional[str] = None, values: Opt
 
 
 def default_teacher(config: DistillConfig) -> str:
+    if config.teacher_checkpoint:
+        return f"supernet:{config.teacher_checkpoint}:{config.teacher_arch}"
     kind, _, rest = config.student.partition(":")
     space = rest.split(":")[0] if kind == "arch" else ("digits" if config.dataset == "digits" else "tiny")
     return f"arch:{space}:max"

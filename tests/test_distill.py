@@ -154,3 +154,10 @@ def test_holdout_search_picks_the_pair_with_the_best_validation_accuracy(monkeyp
     result = finetune.finetune(base, train, train, 3, 1, 16, [0.1, 0.3], [0.0, 1e-4], holdout=0.2)
     assert (result["lr"], result["weight_decay"]) == (0.1, 1e-4)
     assert fitted[-1] == (0.1, 1e-4) and len(fitted) == 5  # four on the hold-out split, then the final run
+
+
+def test_teacher_checkpoint_names_a_supernet_subnet(tmp_path):
+    config = distill.resolve(values={"teacher_checkpoint": "/runs/a", "teacher_arch": "min"})
+    assert distill.default_teacher(config) == "supernet:/runs/a:min"
+    with pytest.raises(ValueError, match="not both"):
+        distill.resolve(values={"teacher_checkpoint": "/runs/a", "teacher": "export:/x"})
