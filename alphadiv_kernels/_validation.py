@@ -46,6 +46,11 @@ def check_loss_parameters(alpha_min: float, alpha_max: float, clip: float, tempe
                          f"{MAX_TEMPERATURE:g} the divergence is below the float32 rounding of its terms")
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+
+
 def check_reduction_and_value(reduction: str, value: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")

@@ -21,7 +21,7 @@ import torch
 
 from . import _extension, triton_adaptive_kd
 from ._constants import REDUCTION_NONE
-from ._validation import BACKENDS, validate_kd_arguments
+from ._validation import check_backend, validate_kd_arguments
 from .reference import adaptive_kd_reference
 
 _DEFAULT_BACKEND = os.environ.get("ALPHADIV_BACKEND", "auto")  # read once, at import
@@ -43,8 +43,7 @@ def available_backends() -> List[str]:
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
     global _warned_fallback
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    check_backend(backend)
     if backend == "auto":
         backend = _DEFAULT_BACKEND
     if backend == "auto":

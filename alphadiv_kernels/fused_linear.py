@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._validation import BACKENDS, check_loss_parameters
+from ._validation import check_backend, check_loss_parameters
 from .adaptive_kd import _graph_is_retained, fused_adaptive_kd
 
 REDUCTIONS = ("mean", "sum")
@@ -43,8 +43,19 @@ def default_chunk_size(rows: int, hidden: int, itemsize: int) -> int:
     return max(1, min(rows, chunk))
 
 
-def _check(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, mask,
-           reduction, chunk_size):
+def _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_size, backend) -> None:
+    """The loss settings, for the function and (at construction) the module."""
+    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean' or 'sum' (per-row values would need the [N, V] gradient), "
+                         f"got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a whole number of rows >= 1, got {chunk_size!r}")
+    check_backend(backend)
+
+
+def _check_tensors(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, mask):
     for name, tensor in (("student_input", student_input), ("student_weight", student_weight),
                          ("teacher_input", teacher_input), ("teacher_weight", teacher_weight)):
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -71,12 +82,6 @@ def _check(student_input, student_weight, student_bias, teacher_input, teacher_w
     if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                              or mask.shape != student_input.shape[:-1]):
         raise ValueError(f"mask must be a bool tensor of shape {list(student_input.shape[:-1])}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean' or 'sum' (per-row values would need the [N, V] gradient), "
-                         f"got {reduction!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a whole number of rows >= 1, got {chunk_size!r}")
 
 
 class _FusedLinearAdaptiveKD(torch.autograd.Function):
@@ -175,11 +180,8 @@ def fused_linear_adaptive_kd(
         mask: optional bool ``[...]``; ``False`` rows (padding, prompt tokens) give 0 and do not count.
         chunk_size: rows per chunk (default: :func:`default_chunk_size`).
     """
-    _check(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, mask,
-           reduction, chunk_size)
-    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    _check_tensors(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, mask)
+    _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_size, backend)
     x = student_input.reshape(-1, student_input.shape[-1])
     teacher_x = teacher_input.reshape(-1, teacher_input.shape[-1]).detach()
     flat_mask = None if mask is None else mask.reshape(-1)
@@ -199,13 +201,7 @@ class FusedLinearAdaptiveKDLoss(nn.Module):
                  temperature: float = 1.0, reduction: str = "mean", chunk_size: Optional[int] = None,
                  backend: str = "auto") -> None:
         super().__init__()
-        check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a whole number of rows >= 1, got {chunk_size!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_size, backend)
         self.settings = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
                              temperature=float(temperature), reduction=reduction, chunk_size=chunk_size,
                              backend=backend)

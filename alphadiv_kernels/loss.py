@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._validation import BACKENDS, check_loss_parameters, check_reduction_and_value
+from ._validation import check_backend, check_loss_parameters, check_reduction_and_value
 from .adaptive_kd import fused_adaptive_kd
 
 
@@ -24,8 +24,7 @@ class AdaptiveKDLoss(nn.Module):
         super().__init__()
         check_loss_parameters(alpha_min, alpha_max, clip, temperature)  # bad settings fail here, not at the first call
         check_reduction_and_value(reduction, value)
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+        check_backend(backend)
         alpha_min, alpha_max, clip, temperature = map(float, (alpha_min, alpha_max, clip, temperature))
         self.alpha_min, self.alpha_max, self.clip = alpha_min, alpha_max, clip
         self.temperature, self.reduction, self.value, self.backend = temperature, reduction, value, backend
