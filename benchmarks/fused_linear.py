@@ -10,8 +10,6 @@ RSS of a fresh subprocess per provider; GPU: max_memory_allocated).
 """
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import os
 import subprocess
@@ -23,6 +21,7 @@ import torch
 
 import alphadiv_kernels as ak
 
+from .memory import peak_growth_bytes
 from .timing import time_in_rounds
 
 DEFAULT_LINEAR_SHAPES = {"cpu": ["4096x1024x32000"], "cuda": ["8192x4096x128256"]}
@@ -84,14 +83,6 @@ def make_step(provider: str, inputs: Dict[str, torch.Tensor]) -> Callable[[], No
     return fused_step
 
 
-def _rss_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} missing from /proc/self/status")
-
-
 def peak_extra_bytes(case: LinearCase, provider: str, step: Callable[[], None]) -> Optional[int]:
     """Peak memory of one forward + backward above the inputs and weights."""
     if case.device == "cuda":
@@ -114,15 +105,7 @@ def peak_extra_bytes(case: LinearCase, provider: str, step: Callable[[], None]) 
 
 def _probe(provider: str, shape: str, dtype: str) -> None:
     case = LinearCase(*parse_linear_shape(shape), getattr(torch, dtype), "cpu")
-    step = make_step(provider, case.make_inputs())
-    step()  # warm-up
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    before = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    step()
-    print(json.dumps({"extra_bytes": (_rss_kib("VmHWM") - before) * 1024}))
+    print(json.dumps({"extra_bytes": peak_growth_bytes(make_step(provider, case.make_inputs()))}))
 
 
 def run(shapes: List[str], dtype: torch.dtype, device: str, repeats: int, budget: float, memory: bool) -> List[dict]:

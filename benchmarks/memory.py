@@ -48,6 +48,19 @@ def cpu_peak_bytes(provider: str, rows: int, cols: int, dtype: str, mode: str, t
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def peak_growth_bytes(step: Callable[[], None]) -> int:
+    """How far one call of `step` raises this process's RSS at its peak, after a warm-up call (which
+    compiles and allocates once) and with freed memory handed back to the OS first."""
+    step()
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss_before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current RSS
+    step()
+    return (_rss_kib("VmHWM") - rss_before) * 1024
+
+
 def _probe(provider: str, shape: str, dtype: str, mode: str) -> None:
     from .cases import Case, available_providers, make_step, parse_shape
 
@@ -56,17 +69,9 @@ def _probe(provider: str, shape: str, dtype: str, mode: str) -> None:
     student, teacher = case.make_inputs()
     step = make_step(available_providers("cpu")[provider], student, teacher, mode)
     del student  # the step holds its own copy of the student (the leaf) for fwd+bwd
-    step()  # warm-up: compiles, allocates once
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    rss_before = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # reset VmHWM to the current RSS
-    step()
-    peak = _rss_kib("VmHWM")
     inputs = 2 * rows * cols * case.dtype.itemsize  # student (or its leaf copy) and teacher
     # Peak over the interpreter's own footprint: inputs plus what the call holds at its peak.
-    print(json.dumps({"peak_bytes": inputs + (peak - rss_before) * 1024}))
+    print(json.dumps({"peak_bytes": inputs + peak_growth_bytes(step)}))
 
 
 if __name__ == "__main__":

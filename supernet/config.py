@@ -108,18 +108,28 @@ def apply(config, values: Dict[str, object], source: str):
     return config
 
 
+def read_text(path: str, what: str, hint: str = "") -> str:
+    """The contents of a UTF-8 text file; ValueError in one line naming `what`, the path and the problem
+    (missing, a folder, not UTF-8, unreadable), followed by `hint`."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path!r}: no such file{hint}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path!r} is a folder, not a file{hint}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path!r} is not a UTF-8 text file{hint}") from None
+    except OSError as error:
+        raise ValueError(f"{what} {path!r} cannot be read: {error.strerror}") from None
+
+
 def read_yaml(path: str) -> Dict[str, object]:
     import yaml
 
+    text = read_text(path, "config file")
     try:
-        with open(path, encoding="utf-8") as handle:
-            values = yaml.safe_load(handle) or {}
-    except FileNotFoundError:
-        raise ValueError(f"config file {path!r} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"config file {path!r} is a folder") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"config file {path!r} is not UTF-8 text") from None
+        values = yaml.safe_load(text) or {}
     except yaml.YAMLError as error:
         where = getattr(error, "problem_mark", None)
         line = f" (line {where.line + 1})" if where is not None else ""
@@ -130,15 +140,18 @@ def read_yaml(path: str) -> Dict[str, object]:
 
 
 def resolve_config(preset: str = "digits", yaml_path: Optional[str] = None,
-                   overrides: Optional[Dict[str, object]] = None) -> TrainConfig:
-    """Preset, then the YAML file, then the overrides; every key and value checked."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    config = apply(TrainConfig(), PRESETS[preset], f"preset {preset!r}")
+                   overrides: Optional[Dict[str, object]] = None, *, cls: type = TrainConfig,
+                   presets: Optional[Dict[str, Dict[str, object]]] = None, check=None):
+    """Preset, then the YAML file, then the overrides; every key and value checked. A TrainConfig by
+    default; another command passes its config class, presets and check."""
+    presets = PRESETS if presets is None else presets
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(presets)}")
+    config = apply(cls(), presets[preset], f"preset {preset!r}")
     if yaml_path:
         apply(config, read_yaml(yaml_path), yaml_path)
     apply(config, overrides or {}, "the command line")
-    validate(config)
+    (check or validate)(config)
     return config
 
 

@@ -18,15 +18,11 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
@@ -34,14 +30,14 @@ from alphadiv_kernels import fused_adaptive_kd
 
 from . import checkpoint as ckpt
 from . import models, runlog
-from .config import CommandLineParser, add_config_arguments, apply, check_ranges, error_line, key, overrides, \
-    read_yaml, save_yaml, to_dict
+from .config import (CommandLineParser, add_config_arguments, apply, check_ranges, key, overrides, resolve_config,
+                     save_yaml, to_dict)
 from .data import load_splits, num_classes
 from .calibration import recalibrate_bn
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .report import plot_curves
 from .train import (Interrupted, NonFiniteLossError, Runtime, _progress, all_reduce_gradients, lr_factor,
-                    make_autocast, make_optimizer, print0, seed_step, setup_runtime)
+                    make_autocast, make_optimizer, print0, run_command, seed_step, setup_runtime, stop_requests)
 
 
 @dataclass
@@ -119,14 +115,7 @@ def validate(config: DistillConfig) -> None:
 
 
 def resolve(preset: str = "digits", yaml_path: Optional[str] = None, values: Optional[Dict] = None) -> DistillConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}: choose from {', '.join(PRESETS)}")
-    config = apply(DistillConfig(), PRESETS[preset], f"preset {preset!r}")
-    if yaml_path:
-        apply(config, read_yaml(yaml_path), yaml_path)
-    apply(config, values or {}, "the command line")
-    validate(config)
-    return config
+    return resolve_config(preset, yaml_path, values, cls=DistillConfig, presets=PRESETS, check=validate)
 
 
 def default_teacher(config: DistillConfig) -> str:
@@ -275,17 +264,9 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
                 "step": step, "history": history, "epoch_sums": sums, "skipped": skipped, "rng": ckpt.capture_rng(),
                 "config": to_dict(config), "role": role})
 
-    requested: List[int] = []
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        def request_stop(signum, frame):
-            if requested:
-                raise KeyboardInterrupt
-            requested.append(signum)
-        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     val_loader = DataLoader(splits["val"], batch_size=config.eval_batch_size, num_workers=config.workers)
     in_a_row = 0
-    try:
+    with stop_requests() as requested:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch)
@@ -349,9 +330,6 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
                                   f"alphanet distill --resume {config.out}")
             if stop_at_step is not None and step >= stop_at_step:
                 return {"step": step, "stopped": True}
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
     return finish(config, student, teacher, splits, history, step, skipped, runtime, autocast, role)
 
 
@@ -386,7 +364,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--resume", default=None, help="run folder (or checkpoint) to continue")
     add_config_arguments(parser, DistillConfig)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         given = overrides(args, DistillConfig)
         if args.resume:
             config = apply(DistillConfig(), ckpt.load(args.resume)["config"], f"checkpoint {args.resume!r}")
@@ -395,17 +374,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         else:
             config = resolve(args.preset, args.config, given)
         run_distill(config, resume=args.resume)
-    except Interrupted as stop:
-        print(f"alphanet distill: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except KeyboardInterrupt:
-        print("alphanet distill: interrupted; the last checkpoint is kept", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except (ValueError, OSError, NonFiniteLossError) as error:
-        raise SystemExit(f"alphanet distill: {error_line(error)}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    run_command("alphanet distill", run)
 
 
 if __name__ == "__main__":

@@ -218,20 +218,14 @@ def load_arch(text: str, space: SearchSpace) -> ArchConfig:
             raise ValueError(f"--arch {text!r} is a published AlphaNet model: it needs the alphanet space, "
                              f"not {space.name!r}")
         return json.loads(json.dumps(PUBLISHED[text].arch))
+    from .config import read_text
+
     names = ", ".join(["min", "max", *PUBLISHED])
+    contents = read_text(text, "--arch", f" (give a JSON arch config, or one of {names})")
     try:
-        with open(text, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except FileNotFoundError:
-        raise ValueError(f"--arch {text!r}: no such file (give a JSON arch config, or one of {names})") from None
-    except IsADirectoryError:
-        raise ValueError(f"--arch {text!r} is a folder, not a JSON arch config file") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"--arch {text!r} is not a UTF-8 text file (expected a JSON arch config)") from None
+        config = json.loads(contents)
     except json.JSONDecodeError as error:
         raise ValueError(f"--arch {text!r} is not valid JSON: {error}") from None
-    except OSError as error:
-        raise ValueError(f"--arch {text!r} cannot be read: {error.strerror}") from None
     try:
         return space.validate(config)
     except ValueError as error:

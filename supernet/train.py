@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -177,6 +177,46 @@ class NonFiniteLossError(RuntimeError):
 
 class Interrupted(Exception):
     """Ctrl-C (SIGINT) or SIGTERM: the run stopped at a step boundary, its checkpoint saved."""
+
+
+@contextlib.contextmanager
+def stop_requests():
+    """While inside, SIGINT / SIGTERM are recorded in the yielded list (the run stops at its next step
+    boundary with a checkpoint); a second one raises KeyboardInterrupt at once. Handlers are restored on
+    exit; outside the main thread nothing is installed."""
+    requested: List[int] = []
+
+    def request_stop(signum, frame):
+        if requested:
+            raise KeyboardInterrupt
+        requested.append(signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield requested
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def run_command(prog: str, run: Callable[[], object]) -> None:
+    """A training command's main: one line and a non-zero exit (130 when interrupted) for what can go
+    wrong, and the process group closed."""
+    try:
+        run()
+    except Interrupted as stop:
+        print(f"{prog}: {stop}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the last checkpoint is kept", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except (ValueError, OSError, NonFiniteLossError) as error:
+        raise SystemExit(f"{prog}: {error_line(error)}") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def make_autocast(config: TrainConfig, runtime: Runtime):
@@ -393,17 +433,7 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
     print0(runtime, f"training {run.space.name} supernet on {config.dataset}: {runtime.world} process(es), "
                     f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, amp={config.amp}; "
                     f"outputs in {config.out}")
-    requested = []
-
-    def request_stop(signum, frame):
-        if requested:
-            raise KeyboardInterrupt
-        requested.append(signum)
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with stop_requests() as requested:
         run.model.train()
         while run.step < run.total_steps:
             train_epoch(run, stop_at_step, lambda: bool(requested))
@@ -415,9 +445,6 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
             if stop_at_step is not None and run.step >= stop_at_step:
                 return {"step": run.step, "stopped": True}
         return finish(run)
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 def _progress(runtime: Runtime, loader, epoch: int, epochs: int, done: int, total: int):
@@ -437,24 +464,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    try:
+
+    def run() -> None:
         given = overrides(args)
         if args.resume:
             config = ckpt.config_for_resume(args.resume, given)
         else:
             config = resolve_config(args.preset, args.config, given)
         run_training(config, resume=args.resume)
-    except Interrupted as stop:
-        print(f"alphanet train: {stop}", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except KeyboardInterrupt:
-        print("alphanet train: interrupted; the last checkpoint is kept", file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except (ValueError, OSError, NonFiniteLossError) as error:
-        raise SystemExit(f"alphanet train: {error_line(error)}") from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+    run_command("alphanet train", run)
 
 
 if __name__ == "__main__":
