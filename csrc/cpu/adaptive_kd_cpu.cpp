@@ -1,16 +1,17 @@
-// Fused adaptive alpha-divergence KD on CPU: one task per block of rows, each row copied once into
-// per-thread buffers (converted to the compute type and divided by T), then swept in cache.
+// Fused adaptive alpha-divergence KD on CPU: one task per block of rows, each row swept in cache.
 //
-// Sweeps per row (math in ../adaptive_kd_math.h), with xs = s - max s, xt = t - max t:
-//   1. load s/T and t/T into buffers, padded to a whole vector with -inf (pads then add exactly 0
-//      to every sum below, so no sweep needs a tail), and take both row maxima;
+// Sweeps per row (math in ../adaptive_kd_math.h), with xs = s/T - max(s/T), xt = t/T - max(t/T):
+//   1. both row maxima: read in place when the row is contiguous and in the compute type (the common
+//      case), else converted (and divided by T) into a buffer padded to a whole vector with -inf;
 //   2. es = exp(xs), et = exp(xt) (the only two exponentials per element), Z_s, Z_t, and the
-//      forward-KL sum  sum p lw = (1/Z_t) sum et (xt - xs) + log(Z_s / Z_t);
+//      forward-KL sum  sum p lw = (1/Z_t) sum et (xt - xs) + log(Z_s / Z_t); xs and xt are kept only
+//      for the branches that read them (reverse KL, general alpha, the surrogate);
 //   3. for each alpha that is not forward KL, its statistic (alpha = -1 needs no exponential);
 //   4. the selected branch: the gradient, written once in the student's dtype, and the surrogate
 //      value when asked for.
-// The normalisations 1/Z are applied to the sums, not to every element. Sums run in vectors within
-// blocks of kSumBlock elements and in double across blocks.
+// Pads (-inf, or reads past the row's end in sweep 2) add exactly 0 to every sum, so no sweep needs
+// a scalar tail. The normalisations 1/Z are applied to the sums, not to every element. Sums run in
+// vectors within blocks of kSumBlock elements and in double across blocks.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -66,69 +67,94 @@ struct RowScalars {
   acc_t clip, log_clip;
 };
 
-// Sums of K streams of terms over the padded row; term(i) returns the K vectors of terms at i.
+// Sums of K streams of terms over the padded row; term(i) returns the K vectors of terms at i. Two
+// vectors per step, added to each other before the accumulator: the loop-carried chain is one add
+// per two vectors, and one accumulator per stream leaves the registers to the terms.
 template <typename acc_t, int K, typename Term>
 inline std::array<double, K> padded_row_sums(int64_t padded_cols, const Term& term) {
   using Vec = Vectorized<acc_t>;
   std::array<double, K> totals{};
   for (int64_t block = 0; block < padded_cols; block += kSumBlock) {
     const int64_t end = std::min(padded_cols, block + kSumBlock);
-    std::array<Vec, K> acc0, acc1;  // two accumulator sets hide the add latency
-    acc0.fill(Vec(acc_t(0)));
-    acc1.fill(Vec(acc_t(0)));
+    std::array<Vec, K> acc;
+    acc.fill(Vec(acc_t(0)));
     int64_t i = block;
     for (; i + 2 * Vec::size() <= end; i += 2 * Vec::size()) {
       const std::array<Vec, K> first = term(i), second = term(i + Vec::size());
-      for (int k = 0; k < K; ++k) {
-        acc0[k] += first[k];
-        acc1[k] += second[k];
-      }
+      for (int k = 0; k < K; ++k) acc[k] += first[k] + second[k];
     }
     if (i < end) {
       const std::array<Vec, K> last = term(i);
-      for (int k = 0; k < K; ++k) acc0[k] += last[k];
+      for (int k = 0; k < K; ++k) acc[k] += last[k];
     }
     for (int k = 0; k < K; ++k) {
-      totals[k] += at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc0[k] + acc1[k]);
+      totals[k] += at::vec::vec_reduce_all<acc_t>([](Vec a, Vec b) { return a + b; }, acc[k]);
     }
   }
   return totals;
 }
 
-// dst <- src / T in the compute type, padded with -inf to a whole vector; returns max(dst).
+// Where the exp sweep reads a row of logits: the input row itself (contiguous, already in the compute
+// type; scaled by 1/T on the fly) or a buffer it was converted into (already scaled, scale 1). Reads at
+// or past `cols` give -inf, which adds exactly 0 to every sum.
+template <typename acc_t>
+struct RowSource {
+  const acc_t* data;
+  acc_t scale;
+  int64_t cols;
+
+  Vectorized<acc_t> load(int64_t i) const {
+    using Vec = Vectorized<acc_t>;
+    if (i + Vec::size() <= cols) return Vec::loadu(data + i);
+    return Vec::set(Vec(-std::numeric_limits<acc_t>::infinity()), Vec::loadu(data + i, cols - i), cols - i);
+  }
+};
+
+// max over a contiguous row in the compute type, NaN-propagating.
+template <typename acc_t>
+inline acc_t contiguous_row_max(const acc_t* src, int64_t cols) {
+  using Vec = Vectorized<acc_t>;
+  const auto vec_max = [](Vec a, Vec b) { return at::vec::maximum(a, b); };
+  Vec first(-std::numeric_limits<acc_t>::infinity()), second = first;
+  int64_t j = 0;
+  for (; j + 2 * Vec::size() <= cols; j += 2 * Vec::size()) {
+    first = at::vec::maximum(first, Vec::loadu(src + j));
+    second = at::vec::maximum(second, Vec::loadu(src + j + Vec::size()));
+  }
+  const RowSource<acc_t> tail{src, acc_t(1), cols};
+  for (; j < cols; j += Vec::size()) first = at::vec::maximum(first, tail.load(j));
+  return at::vec::vec_reduce_all<acc_t>(vec_max, at::vec::maximum(first, second));
+}
+
+// dst <- src / T in the compute type, padded with -inf to a whole vector; returns max(dst). For rows
+// that need a conversion or are strided; contiguous rows in the compute type are read in place.
 template <typename scalar_t, typename acc_t>
 inline acc_t load_scaled_row(const scalar_t* src, int64_t col_stride, int64_t cols, int64_t padded_cols,
                              acc_t inv_temperature, acc_t* dst) {
   using Vec = Vectorized<acc_t>;
-  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  const auto vec_max = [](Vec a, Vec b) { return at::vec::maximum(a, b); };  // NaN-propagating
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (col_stride == 1) {  // the common case: one vector pass that also takes the maximum
-      const Vec scale(inv_temperature);
-      Vec row_max(kNegInf);
-      int64_t j = 0;
-      for (; j + Vec::size() <= cols; j += Vec::size()) {
-        const Vec x = Vec::loadu(src + j) * scale;
-        x.store(dst + j);
-        row_max = at::vec::maximum(row_max, x);
-      }
-      if (j < cols) {
-        const Vec x = Vec::set(Vec(kNegInf), Vec::loadu(src + j, cols - j) * scale, cols - j);
-        x.store(dst + j);
-        row_max = at::vec::maximum(row_max, x);
-      }
-      return at::vec::vec_reduce_all<acc_t>(vec_max, row_max);
-    }
-  }
   for (int64_t j = 0; j < cols; ++j) dst[j] = static_cast<acc_t>(src[j * col_stride]) * inv_temperature;
-  std::fill(dst + cols, dst + padded_cols, kNegInf);
-  return at::vec::reduce_all<acc_t>(vec_max, dst, padded_cols);
+  std::fill(dst + cols, dst + padded_cols, -std::numeric_limits<acc_t>::infinity());
+  return at::vec::reduce_all<acc_t>([](Vec a, Vec b) { return at::vec::maximum(a, b); }, dst, padded_cols);
+}
+
+// Picks where a row is read from, and returns its maximum (of logits / T).
+template <typename scalar_t, typename acc_t>
+inline std::pair<RowSource<acc_t>, acc_t> prepare_row(const scalar_t* src, int64_t col_stride, int64_t cols,
+                                                      int64_t padded_cols, acc_t inv_temperature, acc_t* buffer) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    // max(x / T) == max(x) / T exactly: scaling by a positive number preserves order and rounds monotonically.
+    if (col_stride == 1) return {{src, inv_temperature, cols}, contiguous_row_max(src, cols) * inv_temperature};
+  }
+  const acc_t row_max = load_scaled_row(src, col_stride, cols, padded_cols, inv_temperature, buffer);
+  return {{buffer, acc_t(1), padded_cols}, row_max};
 }
 
 // exp(x) for x <= 0 (logits minus their row max), inline. Cody-Waite reduction x = n ln2 + r with
-// |r| <= ln2 / 2, then the degree-7 Taylor polynomial of e^r (truncation < 6e-9 relative), scaled by
-// 2^n built in the exponent bits. About 1 ulp, and several times cheaper than a library call per
-// vector. x < -87.3 (including -inf) gives 0: such a probability is below fp32's normal range.
+// |r| <= ln2 / 2, then e^r = 1 + r + r^2 P(r) with Cephes' degree-5 minimax P (about 1 ulp over the
+// interval), scaled by 2^n built in the exponent bits. P is evaluated in Estrin's scheme: three
+// independent FMAs, then two on r^2, so the dependency chain is 5 FMAs deep instead of 8 (Horner) and
+// the four exponentials of an unrolled step overlap. x < -87.3 (including -inf) gives 0: such a
+// probability is below fp32's normal range.
 template <typename acc_t>
 inline Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& x) {
   if constexpr (std::is_same_v<acc_t, float>) {
@@ -137,10 +163,12 @@ inline Vectorized<acc_t> exp_nonpositive(const Vectorized<acc_t>& x) {
     const Vec n = (x * Vec(1.44269504088896341f)).round();
     Vec r = at::vec::fmadd(n, Vec(-0.693145751953125f), x);  // ln2 split: the high part is exact in n * hi
     r = at::vec::fmadd(n, Vec(-1.428606765330187045e-06f), r);
-    Vec poly(1.f / 5040.f);
-    for (const float coefficient : {1.f / 720.f, 1.f / 120.f, 1.f / 24.f, 1.f / 6.f, 0.5f, 1.f, 1.f}) {
-      poly = at::vec::fmadd(poly, r, Vec(coefficient));
-    }
+    const Vec r2 = r * r;
+    const Vec p45 = at::vec::fmadd(r, Vec(1.9875691500e-4f), Vec(1.3981999507e-3f));
+    const Vec p23 = at::vec::fmadd(r, Vec(8.3334519073e-3f), Vec(4.1665795894e-2f));
+    const Vec p01 = at::vec::fmadd(r, Vec(1.6666665459e-1f), Vec(5.0000001201e-1f));
+    const Vec p = at::vec::fmadd(at::vec::fmadd(p45, r2, p23), r2, p01);
+    const Vec poly = at::vec::fmadd(p, r2, r) + Vec(1.f);
     const IntVec exponent = (at::vec::convert_to_int_of_same_size(n) + IntVec(127)) << IntVec(23);
     const Vec result = poly * at::vec::cast<float>(exponent);
     return Vec::blendv(result, Vec(0.f), x < Vec(-87.3f));
@@ -156,17 +184,25 @@ inline Vectorized<acc_t> zero_where_zero(const Vectorized<acc_t>& value, const V
   return Vectorized<acc_t>::blendv(value, Vectorized<acc_t>(acc_t(0)), weight == Vectorized<acc_t>(acc_t(0)));
 }
 
-// Sweep 2: shifts both rows by their maxima, stores exp of both; returns {Z_s, Z_t, sum et (xt - xs)}.
-template <typename acc_t>
-inline std::array<double, 3> exp_sweep(const RowBuffers<acc_t>& b, acc_t max_s, acc_t max_t, int64_t padded_cols) {
+// Sweep 2: shifts both rows by their maxima, stores exp of both (and the shifted rows when
+// kKeepShifted); returns {Z_s, Z_t, sum et (xt - xs)}. Without kKeepShifted, es and et may be the
+// buffers the rows were converted into (each element is read before it is overwritten).
+//
+// The sweeps take their buffers by value and their lambdas capture by value: vector stores may alias
+// anything, and pointers held in memory would be reloaded after every store.
+template <bool kKeepShifted, typename acc_t>
+inline std::array<double, 3> exp_sweep(const RowBuffers<acc_t> b, const RowSource<acc_t> s, const RowSource<acc_t> t,
+                                       acc_t max_s, acc_t max_t, int64_t padded_cols) {
   using Vec = Vectorized<acc_t>;
-  const Vec shift_s(max_s), shift_t(max_t);
-  return padded_row_sums<acc_t, 3>(padded_cols, [&](int64_t i) {
-    const Vec xs = Vec::loadu(b.xs + i) - shift_s;
-    const Vec xt = Vec::loadu(b.xt + i) - shift_t;
+  const Vec scale_s(s.scale), scale_t(t.scale), shift_s(-max_s), shift_t(-max_t);
+  return padded_row_sums<acc_t, 3>(padded_cols, [=](int64_t i) {
+    const Vec xs = at::vec::fmadd(s.load(i), scale_s, shift_s);  // x / T - max(x / T), one rounding
+    const Vec xt = at::vec::fmadd(t.load(i), scale_t, shift_t);
     const Vec es = exp_nonpositive(xs), et = exp_nonpositive(xt);
-    xs.store(b.xs + i);
-    xt.store(b.xt + i);
+    if constexpr (kKeepShifted) {
+      xs.store(b.xs + i);
+      xt.store(b.xt + i);
+    }
     es.store(b.es + i);
     et.store(b.et + i);
     return std::array<Vec, 3>{es, et, zero_where_zero(et * (xt - xs), et)};
@@ -193,10 +229,10 @@ inline Vectorized<acc_t> clipped_weight(const Vectorized<acc_t>& xs, const Vecto
 
 // Sweep 3: the statistic of an alpha branch (R or B of adaptive_kd_math.h).
 template <Branch kBranch, typename acc_t>
-inline double alpha_statistic(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, acc_t alpha, acc_t inv_zs,
+inline double alpha_statistic(const RowBuffers<acc_t> b, const RowScalars<acc_t> r, acc_t alpha, acc_t inv_zs,
                               int64_t padded_cols) {
   using Vec = Vectorized<acc_t>;
-  const double sum = padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
+  const double sum = padded_row_sums<acc_t, 1>(padded_cols, [=](int64_t i) {
     const Vec es = Vec::loadu(b.es + i);
     const Vec w = clipped_weight<kBranch>(Vec::loadu(b.xs + i), Vec::loadu(b.xt + i), es, Vec::loadu(b.et + i), r,
                                           alpha);
@@ -208,11 +244,11 @@ inline double alpha_statistic(const RowBuffers<acc_t>& b, const RowScalars<acc_t
 // Sweep 4: writes scale * d D / d s of the branch into b.es (in place: es[i] is not read again) and
 // returns the unnormalised surrogate sum when kSurrogate.
 template <Branch kBranch, bool kSurrogate, typename acc_t>
-inline double gradient_sweep(const RowBuffers<acc_t>& b, const RowScalars<acc_t>& r, acc_t alpha, acc_t stat,
+inline double gradient_sweep(const RowBuffers<acc_t> b, const RowScalars<acc_t> r, acc_t alpha, acc_t stat,
                              acc_t q_scale, acc_t p_scale, bool write_grad, int64_t padded_cols) {
   using Vec = Vectorized<acc_t>;
   const acc_t inv_alpha = acc_t(1) / alpha, rho_offset = acc_t(1) / (alpha * (alpha - acc_t(1)));
-  return padded_row_sums<acc_t, 1>(padded_cols, [&](int64_t i) {
+  return padded_row_sums<acc_t, 1>(padded_cols, [=](int64_t i) {
     const Vec es = Vec::loadu(b.es + i), et = Vec::loadu(b.et + i);
     Vec grad, rho_e, seen;  // rho_e = e * rho of the surrogate, e = es (or et for forward KL)
     if constexpr (kBranch == Branch::ForwardKL) {
@@ -240,9 +276,9 @@ inline double gradient_sweep(const RowBuffers<acc_t>& b, const RowScalars<acc_t>
 }
 
 template <typename acc_t>
-using StatisticFn = double (*)(const RowBuffers<acc_t>&, const RowScalars<acc_t>&, acc_t, acc_t, int64_t);
+using StatisticFn = double (*)(RowBuffers<acc_t>, RowScalars<acc_t>, acc_t, acc_t, int64_t);
 template <typename acc_t>
-using GradientFn = double (*)(const RowBuffers<acc_t>&, const RowScalars<acc_t>&, acc_t, acc_t, acc_t, acc_t, bool,
+using GradientFn = double (*)(RowBuffers<acc_t>, RowScalars<acc_t>, acc_t, acc_t, acc_t, acc_t, bool,
                               int64_t);
 
 template <typename acc_t>
@@ -329,11 +365,19 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
   // d (T^2 D(s / T)) / d s = T * D'(s / T), times the reduction's row weight.
   const double row_grad_scale = grad_scale * params.temperature;
 
+  // Only the log-space branches (reverse KL, general alpha) and the surrogate read the shifted logits
+  // after the exp sweep; otherwise the exponentials overwrite them and a row needs two buffers, not
+  // four (at 32000 classes: 256 KB per thread instead of 512 KB, which stays in L2).
+  const auto reads_logits = [](Branch branch) { return branch == Branch::ReverseKL || branch == Branch::General; };
+  const bool keep_shifted = params.surrogate || reads_logits(lo.branch) || reads_logits(hi.branch);
+  const auto exp_sweep_fn = keep_shifted ? &exp_sweep<true, acc_t> : &exp_sweep<false, acc_t>;
+
   const int64_t grain = std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(cols, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> storage(4 * padded_cols);
-    const RowBuffers<acc_t> b{storage.data(), storage.data() + padded_cols, storage.data() + 2 * padded_cols,
-                              storage.data() + 3 * padded_cols};
+    std::vector<acc_t> storage((keep_shifted ? 4 : 2) * padded_cols);
+    acc_t* const xs = storage.data();
+    acc_t* const xt = xs + padded_cols;
+    const RowBuffers<acc_t> b{xs, xt, keep_shifted ? xt + padded_cols : xs, keep_shifted ? xt + 2 * padded_cols : xt};
     for (int64_t row = begin; row < end; ++row) {
       student_t* g_row = g_data ? g_data + row * cols : nullptr;
       if (mask && !mask[row]) {
@@ -341,17 +385,17 @@ void adaptive_kd_rows(const at::Tensor& student, const at::Tensor& teacher, cons
         if (g_row) std::fill(g_row, g_row + cols, student_t(0));
         continue;
       }
-      const acc_t max_s =
-          load_scaled_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.xs);
-      const acc_t max_t =
-          load_scaled_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.xt);
+      const auto [source_s, max_s] =
+          prepare_row(s_data + row * student.stride(0), student.stride(1), cols, padded_cols, inv_temperature, b.xs);
+      const auto [source_t, max_t] =
+          prepare_row(t_data + row * teacher.stride(0), teacher.stride(1), cols, padded_cols, inv_temperature, b.xt);
       if (!std::isfinite(max_s) || !std::isfinite(max_t)) {
         // NaN or +inf logits, or a row with every class at -inf: log_softmax itself is undefined.
         row_values[row] = std::numeric_limits<double>::quiet_NaN();
         if (g_row) std::fill(g_row, g_row + cols, static_cast<student_t>(std::numeric_limits<acc_t>::quiet_NaN()));
         continue;
       }
-      const auto [zs, zt, kl_unnormalised] = exp_sweep(b, max_s, max_t, padded_cols);
+      const auto [zs, zt, kl_unnormalised] = exp_sweep_fn(b, source_s, source_t, max_s, max_t, padded_cols);
       const double log_ratio = std::log(zs) - std::log(zt);
       const RowScalars<acc_t> r{acc_t(log_ratio), acc_t(std::log(zs)), acc_t(zt / zs), acc_t(params.clip),
                                 acc_t(std::log(params.clip))};
