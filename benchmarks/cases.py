@@ -63,27 +63,41 @@ def _liger_kl() -> Optional[Callable]:
     return lambda s, t: loss(torch.log_softmax(s.float(), -1), torch.log_softmax(t.float(), -1))
 
 
+# The baselines a user would pick today: AlphaNet's own loss code (`AdaptiveLossSoft`, what users of
+# the reference run) and this project's eager specification, each eager and under torch.compile.
+EAGER_BASELINES = ("alphanet-eager", "reference-eager")
+COMPILED_BASELINES = ("alphanet-compile", "reference-compile")
+# The floor: one log_softmax of the student, forward only in every mode (not a KD loss).
+LOG_SOFTMAX = "log_softmax (floor)"
+LIGER_KL = "liger-kl (alpha 1,1)"
+
+
 def available_providers(device: str) -> Dict[str, Callable]:
     """Loss functions (student, teacher) -> scalar, by provider name, for this device."""
     providers: Dict[str, Callable] = {
-        "eager": ak.adaptive_kd_reference,
-        "compile": torch.compile(ak.adaptive_kd_reference),
         "alphanet-eager": ak.alphanet_adaptive_loss_soft,
+        "alphanet-compile": torch.compile(ak.alphanet_adaptive_loss_soft),
+        "reference-eager": ak.adaptive_kd_reference,
+        "reference-compile": torch.compile(ak.adaptive_kd_reference),
     }
     for backend in ak.available_backends():
         if backend == "reference" or (backend == "cpu") != (device == "cpu"):
             continue
         providers[f"fused-{backend}"] = lambda s, t, backend=backend: ak.fused_adaptive_kd(s, t, backend=backend)
     if device == "cuda" and _liger_kl() is not None:
-        providers["liger-kl (alpha 1,1)"] = _liger_kl()
+        providers[LIGER_KL] = _liger_kl()
     providers[LOG_SOFTMAX] = lambda s, t: torch.log_softmax(s, -1)
     return providers
 
 
-# The floor: one log_softmax of the student, forward only in every mode (not a KD loss).
-LOG_SOFTMAX = "log_softmax (floor)"
-DEFAULT_PROVIDERS = ("eager", "compile", "fused-cpu", "fused-cuda", "fused-triton", "liger-kl (alpha 1,1)",
-                     LOG_SOFTMAX)
+DEFAULT_PROVIDERS = EAGER_BASELINES + COMPILED_BASELINES + ("fused-cpu", "fused-cuda", "fused-triton", LIGER_KL,
+                                                            LOG_SOFTMAX)
+
+
+def fastest(medians: Dict[str, float], candidates) -> Optional[str]:
+    """The candidate provider with the smallest median time in this case (None if none ran)."""
+    present = [name for name in candidates if name in medians]
+    return min(present, key=medians.__getitem__) if present else None
 
 
 def make_step(loss_fn: Callable, student: torch.Tensor, teacher: torch.Tensor, mode: str) -> Step:

@@ -19,12 +19,15 @@ class Row:
     p80_ms: float
     max_ms: float
     runs: int
-    speedup_vs_eager: Optional[float]
-    speedup_vs_compile: Optional[float]
+    speedup_vs_eager: Optional[float]  # against the fastest eager baseline of this case (eager_baseline)
+    speedup_vs_compile: Optional[float]  # against the fastest compiled baseline (compile_baseline)
     gbs: float  # byte model: read student + teacher (+ write gradient) per median time
     fraction_of_copy_bw: float
     peak_mb: Optional[float]  # inputs + everything held at the peak of one call
     peak_vs_ideal: Optional[float]  # peak / (inputs + one gradient); 1.0 is the floor
+    eager_baseline: Optional[str] = None
+    compile_baseline: Optional[str] = None
+    speedup_vs_floor: Optional[float] = None  # log_softmax (floor) time / this time
 
 
 def _fmt(value, digits=2) -> str:
@@ -33,8 +36,8 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}"
 
 
-HEADER = ["shape", "mode", "provider", "median ms", "min", "p20", "p80", "max", "runs", "x eager", "x compile",
-          "GB/s", "of copy BW", "peak MB", "peak/ideal"]
+HEADER = ["shape", "mode", "provider", "median ms", "min", "p20", "p80", "max", "runs", "x best eager",
+          "x best compile", "GB/s", "of copy BW", "peak MB", "peak/ideal"]
 
 
 def _cells(row: Row) -> List[str]:
@@ -42,6 +45,23 @@ def _cells(row: Row) -> List[str]:
             _fmt(row.p80_ms, 3), _fmt(row.max_ms, 3), str(row.runs), _fmt(row.speedup_vs_eager, 1),
             _fmt(row.speedup_vs_compile, 1), _fmt(row.gbs, 1), _fmt(row.fraction_of_copy_bw * 100, 0) + "%",
             _fmt(row.peak_mb, 0), _fmt(row.peak_vs_ideal, 2)]
+
+
+def summary(rows: List[Row]) -> List[str]:
+    """Per case: which baselines were the fastest, and each fused provider against them and the floor."""
+    lines = []
+    for key in dict.fromkeys((row.shape, row.mode) for row in rows):
+        case_rows = [row for row in rows if (row.shape, row.mode) == key]
+        baselines = case_rows[0]
+        line = (f"{key[0]} {key[1]}: fastest eager {baselines.eager_baseline or '-'}, "
+                f"fastest compiled {baselines.compile_baseline or '-'}")
+        for row in case_rows:
+            if row.provider.startswith("fused"):
+                line += (f"; {row.provider} {_fmt(row.speedup_vs_eager, 1)}x / {_fmt(row.speedup_vs_compile, 1)}x"
+                         f" faster, {_fmt(None if row.speedup_vs_floor is None else 1 / row.speedup_vs_floor, 2)}x"
+                         " the floor's time")
+        lines.append(line)
+    return lines
 
 
 def print_table(rows: List[Row]) -> None:
@@ -52,11 +72,14 @@ def print_table(rows: List[Row]) -> None:
                         for i, (cell, width) in enumerate(zip(line, widths))))
         if index == 0:
             print("  ".join("-" * width for width in widths))
+    print()
+    print("\n".join(summary(rows)))
 
 
 def markdown(rows: List[Row], title: str) -> str:
     lines = [f"### {title}", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
+    lines += [""] + [f"- {line}" for line in summary(rows)]
     return "\n".join(lines) + "\n"
 
 
@@ -98,7 +121,7 @@ def plot(rows: List[Row], path: str, title: str) -> None:
         time_axis.legend(fontsize=8)
         fused = [p for p in providers if p.startswith("fused")]
         for index, provider in enumerate(fused):
-            for baseline, attribute in (("eager", "speedup_vs_eager"), ("compile", "speedup_vs_compile")):
+            for baseline, attribute in (("best eager", "speedup_vs_eager"), ("best compile", "speedup_vs_compile")):
                 values = [getattr(by_key[(shape, provider)], attribute) or 0 for shape in shapes
                           if (shape, provider) in by_key]
                 speed_axis.plot(shapes[:len(values)], values, marker="o", label=f"{provider} vs {baseline}")

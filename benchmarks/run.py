@@ -1,7 +1,9 @@
 """`python -m benchmarks`: fused_adaptive_kd against eager PyTorch and torch.compile.
 
 Every provider runs on the same inputs in this one process; see timing.time_in_rounds for how the
-runs are scheduled and memory.py for how peak memory is measured.
+runs are scheduled and memory.py for how peak memory is measured. Baselines: AlphaNet's own loss code
+and this project's eager reference, each eager and under torch.compile; speed-ups are against the
+fastest eager and the fastest compiled baseline of each case, named in the summary lines.
 """
 from __future__ import annotations
 
@@ -16,8 +18,8 @@ from typing import Dict, List, Optional
 import torch
 
 from . import memory, report
-from .cases import (DEFAULT_DTYPE, DEFAULT_SHAPES, LOG_SOFTMAX, MODES, Case, make_step, parse_shape,
-                    select_providers)
+from .cases import (COMPILED_BASELINES, DEFAULT_DTYPE, DEFAULT_SHAPES, EAGER_BASELINES, LOG_SOFTMAX, MODES, Case,
+                    fastest, make_step, parse_shape, select_providers)
 from .timing import copy_bandwidth_gbs, time_in_rounds
 
 
@@ -33,7 +35,9 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
     parser.add_argument("--shapes", nargs="+", default=None, help="NxC shapes (default: the device's set)")
     parser.add_argument("--providers", nargs="+", default=None,
-                        help="eager, compile, alphanet-eager, fused-cpu, fused-cuda, fused-triton, 'liger-kl (alpha 1,1)'")
+                        help="alphanet-eager, alphanet-compile, reference-eager, reference-compile, fused-cpu, "
+                             "fused-cuda, fused-triton, 'liger-kl (alpha 1,1)', 'log_softmax (floor)' (default: all "
+                             "available)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per provider and case (median)")
     parser.add_argument("--budget", type=float, default=8.0,
@@ -76,6 +80,7 @@ def run_case(case: Case, providers: Dict, args, copy_gbs: float) -> List[report.
              for name, fn in providers.items()}
     timings = time_in_rounds(steps, case.device, args.repeats, args.budget)
     medians = {name: timing.median for name, timing in timings.items()}
+    best_eager, best_compile = fastest(medians, EAGER_BASELINES), fastest(medians, COMPILED_BASELINES)
     element = case.dtype.itemsize
     ideal = case.rows * case.cols * element * (3 if case.mode == "fwd+bwd" else 2)
     rows = []
@@ -88,11 +93,13 @@ def run_case(case: Case, providers: Dict, args, copy_gbs: float) -> List[report.
             shape=case.name, dtype=str(case.dtype).removeprefix("torch."), mode=case.mode, provider=name,
             median_ms=timing.median, min_ms=min(timing.times_ms), p20_ms=timing.percentile(0.2),
             p80_ms=timing.percentile(0.8), max_ms=max(timing.times_ms), runs=len(timing.times_ms),
-            speedup_vs_eager=medians["eager"] / timing.median if "eager" in medians else None,
-            speedup_vs_compile=medians["compile"] / timing.median if "compile" in medians else None,
+            speedup_vs_eager=medians[best_eager] / timing.median if best_eager else None,
+            speedup_vs_compile=medians[best_compile] / timing.median if best_compile else None,
             gbs=gbs, fraction_of_copy_bw=gbs / copy_gbs,
             peak_mb=None if peak is None else peak / 2**20,
             peak_vs_ideal=None if peak is None else peak / ideal,
+            eager_baseline=best_eager, compile_baseline=best_compile,
+            speedup_vs_floor=medians[LOG_SOFTMAX] / timing.median if LOG_SOFTMAX in medians else None,
         ))
     return rows
 

@@ -14,7 +14,7 @@ from benchmarks.cases import DEFAULT_DTYPE, Case, available_providers, make_step
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = ["32x1000", "256x1000", "2048x1000"] + (["8192x128256"] if DEVICE == "cuda" else ["512x32000"])
-PROVIDERS = [name for name in available_providers(DEVICE) if name in ("eager", "compile") or name.startswith("fused")]
+PROVIDERS = [name for name in available_providers(DEVICE) if name.startswith(("alphanet", "fused"))]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

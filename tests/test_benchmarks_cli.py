@@ -14,20 +14,30 @@ pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CP
 
 def test_benchmark_cli_writes_table_csv_markdown_and_plot(tmp_path, capsys):
     out = tmp_path / "results"
-    rows = run.main(["--shapes", "64x500", "--providers", "eager", "fused-cpu", "--repeats", "3",
+    rows = run.main(["--shapes", "64x500", "--providers", "alphanet-eager", "reference-eager", "alphanet-compile",
+                     "fused-cpu", "log_softmax (floor)", "--repeats", "3",
                      "--budget", "1", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert "fused-cpu" in printed and "copy bandwidth" in printed
+    assert "fused-cpu" in printed and "copy bandwidth" in printed and "fastest compiled alphanet-compile" in printed
     for name in ("results.csv", "results.md", "results.png"):
         assert (out / name).stat().st_size > 0
     with open(out / "results.csv") as handle:
         table = list(csv.DictReader(handle))
-    assert {(r["provider"], r["mode"]) for r in table} == {(p, m) for p in ("eager", "fused-cpu")
-                                                           for m in ("fwd", "fwd+bwd")}
+    providers = ("alphanet-eager", "reference-eager", "alphanet-compile", "fused-cpu", "log_softmax (floor)")
+    assert {(r["provider"], r["mode"]) for r in table} == {(p, m) for p in providers for m in ("fwd", "fwd+bwd")}
     by_key = {(row.provider, row.mode): row for row in rows}
     assert all(row.runs >= 3 and row.min_ms <= row.p20_ms <= row.median_ms <= row.p80_ms <= row.max_ms
                for row in rows)
-    assert by_key[("eager", "fwd")].speedup_vs_eager == pytest.approx(1.0)
+    for mode in ("fwd", "fwd+bwd"):
+        # speed-ups are against the faster of the two eager baselines, which is named, and reads 1.0 itself
+        eager = {name: by_key[(name, mode)].median_ms for name in ("alphanet-eager", "reference-eager")}
+        best = min(eager, key=eager.get)
+        assert all(row.eager_baseline == best and row.compile_baseline == "alphanet-compile"
+                   for row in rows if row.mode == mode)
+        assert by_key[(best, mode)].speedup_vs_eager == pytest.approx(1.0)
+        fused = by_key[("fused-cpu", mode)]
+        assert fused.speedup_vs_eager == pytest.approx(eager[best] / fused.median_ms)
+        assert fused.speedup_vs_floor == pytest.approx(by_key[("log_softmax (floor)", mode)].median_ms / fused.median_ms)
     if os.path.exists("/proc/self/clear_refs"):
         # Peak memory is measured for fwd+bwd: the fused op holds about inputs + one gradient.
         fused = by_key[("fused-cpu", "fwd+bwd")]
