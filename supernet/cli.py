@@ -30,14 +30,39 @@ def require_extra() -> None:
 
 def cmd_flops(args: argparse.Namespace) -> None:
     from .flops import flops_and_params
-    from .space import PUBLISHED, get_space, load_arch
+    from .space import PUBLISHED, PUBLISHED_WIDTHS, get_space
 
     space = get_space(args.space)
-    config = load_arch(args.arch, space)
+    config = arch_or_width(args, space)
     flops, params = flops_and_params(space, config)
     published = f"; published: {PUBLISHED[args.arch].mflops} MFLOPs" if args.arch in PUBLISHED else ""
+    width = ""
+    if args.width is not None:
+        width = f", width {args.width:g}"
+        if args.width in PUBLISHED_WIDTHS.get(space.name, {}):
+            published_flops, published_params = PUBLISHED_WIDTHS[space.name][args.width]
+            published = f"; published: {published_flops} MFLOPs, {published_params} M parameters"
     print(f"{flops / 1e6:.1f} MFLOPs, {params / 1e6:.2f} M parameters "
-          f"({space.name} space, resolution {config['resolution']}{published})")
+          f"({space.name} space{width}, resolution {config['resolution']}{published})")
+
+
+def add_arch_or_width(parser: argparse.ArgumentParser) -> None:
+    """--arch NAME|FILE, or --width W for the slimmable spaces (one of them)."""
+    from .space import PUBLISHED
+
+    parser.add_argument("--arch", default=None,
+                        help=f"min, max, a published model ({', '.join(PUBLISHED)}), or a JSON arch config file")
+    parser.add_argument("--width", type=float, default=None,
+                        help="slimmable spaces (slim_mbv1, slim_mbv2, ...): the width multiplier, e.g. 0.25")
+
+
+def arch_or_width(args: argparse.Namespace, space):
+    """The arch config that --arch or --width names; ValueError when neither or both are given."""
+    from .space import load_arch
+
+    if (args.arch is None) == (args.width is None):
+        raise ValueError("give one of --arch and --width")
+    return load_arch(args.arch, space) if args.arch is not None else space.width_config(args.width)
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -52,15 +77,14 @@ def main(argv: Optional[List[str]] = None) -> None:
             print(f"alphanet {argv[0]}: interrupted{hint}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
     from .config import CommandLineParser
-    from .space import PUBLISHED, SPACES
+    from .space import SPACES
 
     parser = CommandLineParser(prog="alphanet", description="AlphaNet supernet tools")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text) in SUBCOMMANDS.items():
         commands.add_parser(name, help=f"{help_text} (alphanet {name} --help)")
-    flops = commands.add_parser("flops", help="MFLOPs and parameters of an arch")
-    flops.add_argument("--arch", required=True,
-                       help=f"min, max, a published model ({', '.join(PUBLISHED)}), or a JSON arch config file")
+    flops = commands.add_parser("flops", help="MFLOPs and parameters of an arch (or of a slimmable space's width)")
+    add_arch_or_width(flops)
     flops.add_argument("--space", default="alphanet", choices=sorted(SPACES))
     flops.set_defaults(run=cmd_flops)
     args = parser.parse_args(argv)

@@ -12,6 +12,12 @@ import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional
 
+from alphadiv_kernels._constants import MAX_TEMPERATURE
+
+from .space import SPACES
+
+IMAGENET_SPACES = ("alphanet", "slim_mbv1", "slim_mbv2")
+
 def key(default, group: str, help: str):
     """A config key: its default, its --help group and its one line of help."""
     return field(default=default, metadata={"group": group, "help": help})
@@ -21,13 +27,15 @@ def key(default, group: str, help: str):
 class TrainConfig:
     dataset: str = key("digits", "data", "digits (bundled, no download) | cifar10 | imagefolder")
     data_path: str = key("", "data", "folder of cifar10 / imagefolder data")
-    space: str = key("tiny", "data", "search space: alphanet | tiny | digits")
+    space: str = key("tiny", "data", "search space: alphanet | tiny | digits | slim_mbv1 | slim_mbv2 | "
+                                      "slim_mbv1_digits | slim_mbv2_digits")
     image_size: int = key(32, "data", "training crop / evaluation size of the images (pixels)")
     num_random_subnets: int = key(2, "sandwich", "random subnets per step, besides the max and the min")
     kd: str = key("adaptive", "sandwich", "students' loss: adaptive (alpha-divergence) | kl | none (labels)")
     alpha_min: float = key(-1.0, "sandwich", "negative alpha of the adaptive KD")
     alpha_max: float = key(1.0, "sandwich", "positive alpha of the adaptive KD")
     kd_clip: float = key(5.0, "sandwich", "clip of the importance weight (p/q)^alpha, > 0")
+    kd_temperature: float = key(1.0, "sandwich", "temperature T of the KD: T^2 D(teacher_T, student_T), (0, 100]")
     label_smoothing: float = key(0.1, "regularisation",
                                  "label smoothing of the cross-entropy (max subnet; students with --kd none)")
     dropout: float = key(0.0, "regularisation", "dropout before the classifier, max subnet only")
@@ -54,6 +62,12 @@ class TrainConfig:
 
 PRESETS: Dict[str, Dict[str, object]] = {
     "digits": dict(space="digits", epochs=30, lr_per_256=0.4, warmup_epochs=2),
+    # Slimmable MobileNetV2 on digits: widths 0.35-1.0, the sandwich over widths (section 4.1)
+    "slim-digits": dict(space="slim_mbv2_digits", epochs=15, lr_per_256=0.4, warmup_epochs=2),
+    # Section 4.1's ImageNet recipe: 16 processes x 128 = 2048 images at LR 0.8, cosine, 360 epochs
+    "slim-imagenet": dict(dataset="imagefolder", space="slim_mbv2", image_size=224, num_random_subnets=2,
+                          epochs=360, batch_size=128, lr_per_256=0.1, warmup_epochs=0, weight_decay=1e-5,
+                          dropout=0.2, kd="adaptive", calib_images=2048, channels_last=True, workers=4),
     # AlphaNet's training config: 64 processes x 32 images = 2048 at LR 0.8, 64 x 32 calibration images
     "imagenet": dict(dataset="imagefolder", space="alphanet", image_size=224, num_random_subnets=2, epochs=360,
                      batch_size=32, lr_per_256=0.1, warmup_epochs=5, weight_decay=1e-5, label_smoothing=0.1,
@@ -62,10 +76,10 @@ PRESETS: Dict[str, Dict[str, object]] = {
                      workers=4),
 }
 
-CHOICES = {"dataset": ("digits", "cifar10", "imagefolder"), "space": ("alphanet", "tiny", "digits"),
+CHOICES = {"dataset": ("digits", "cifar10", "imagefolder"), "space": tuple(SPACES),
            "kd": ("adaptive", "kl", "none"), "amp": ("bf16", "fp16", "off")}
 POSITIVE = ("epochs", "batch_size", "calib_images", "eval_batch_size", "max_nonfinite_steps", "image_size",
-            "lr_per_256", "kd_clip")
+            "lr_per_256", "kd_clip", "kd_temperature")
 NON_NEGATIVE = ("num_random_subnets", "warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay",
                 "grad_clip_value", "momentum")
 FRACTIONS = ("label_smoothing", "dropout", "drop_connect", "bn_momentum")  # in [0, 1)
@@ -183,9 +197,11 @@ def validate(config: TrainConfig) -> None:
     if config.dataset != "digits" and not config.data_path:
         raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path for train, --data-path for "
                          "eval / search / export)")
-    if config.dataset == "digits" and config.space == "alphanet":
-        raise ValueError("the alphanet space is ImageNet-sized (192-288 pixels, 1000 classes); train digits on the "
-                         "digits or tiny space")
+    if config.kd_temperature > MAX_TEMPERATURE:
+        raise ValueError(f"config key 'kd_temperature' must be at most {MAX_TEMPERATURE:g}, got {config.kd_temperature}")
+    if config.dataset == "digits" and config.space in IMAGENET_SPACES:
+        raise ValueError(f"the {config.space} space is ImageNet-sized (224 pixels and more, 1000 classes); train digits "
+                         "on the digits, tiny, slim_mbv1_digits or slim_mbv2_digits space")
 
 
 def to_dict(config) -> Dict[str, object]:

@@ -15,13 +15,14 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import atomic_write
+from .cli import add_arch_or_width, arch_or_width
 from .config import CommandLineParser, error_line
 from .evaluate import EVAL_CALIB_IMAGES, TrainedSupernet, classification_metrics, positive_int
 from .flops import flops_and_params
-from .space import load_arch
 
 
-def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = EVAL_CALIB_IMAGES) -> dict:
+def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = EVAL_CALIB_IMAGES,
+                  width: Optional[float] = None) -> dict:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a folder")
     subnet = trained.calibrated_subnet(arch, calib_images)
@@ -32,7 +33,7 @@ def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = 
     metrics = classification_metrics(subnet, trained.loader("val"), torch.device("cpu"))
     record = {"arch": arch, "mflops": flops / 1e6, "params": params, "val_top1": metrics["top1"],
               "input_shape": list(example.shape[1:]), "num_classes": trained.space.num_classes,
-              "space": trained.space.name}
+              "space": trained.space.name, **({"width_mult": width} if width is not None else {})}
     os.makedirs(out, exist_ok=True)
     atomic_write(os.path.join(out, "model.pt2"), lambda stream: torch.export.save(program, stream))
     atomic_write(os.path.join(out, "weights.pt"), lambda stream: torch.save(subnet.state_dict(), stream))
@@ -45,15 +46,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
     parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
-    parser.add_argument("--arch", required=True,
-                        help="min, max, a published model (a0 ... a6, a5_1), or a JSON arch config file")
+    add_arch_or_width(parser)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--calib-images", type=positive_int, default=EVAL_CALIB_IMAGES,
                         help=f"training images for BN calibration (default {EVAL_CALIB_IMAGES})")
     args = parser.parse_args(argv)
     try:
         trained = TrainedSupernet.load(args.checkpoint, args.data_path)
-        record = export_subnet(trained, load_arch(args.arch, trained.space), args.out, args.calib_images)
+        record = export_subnet(trained, arch_or_width(args, trained.space), args.out, args.calib_images, args.width)
     except (ValueError, OSError) as error:
         raise SystemExit(f"alphanet export: {error_line(error)}") from None
     print(f"exported {record['mflops']:.2f} MFLOPs subnet (val top-1 {record['val_top1']:.2f}%) to {args.out}: "

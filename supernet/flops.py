@@ -47,13 +47,20 @@ def flops_and_params(space: SearchSpace, config: ArchConfig) -> Tuple[float, int
                 params += 2 * mid * squeeze + squeeze + mid
             flops += out_size * out_size * out_channels * mid
             params += out_channels * mid + 2 * out_channels
-            if in_channels != out_channels:
+            if space.shortcut == "always" and in_channels != out_channels:  # the projection shortcut
                 flops += out_size * out_size * out_channels * in_channels
                 params += out_channels * in_channels
             size, in_channels = out_size, out_channels
-    head = HEAD_EXPANSION * in_channels
-    flops += size * size * head * in_channels + head * widths[-1] + widths[-1] * space.num_classes
-    params += head * in_channels + 2 * head + head * widths[-1] + widths[-1] * space.num_classes + space.num_classes
+    last = widths[-1]
+    if space.head == "attentive":
+        head = HEAD_EXPANSION * in_channels
+        flops += size * size * head * in_channels + head * last
+        params += head * in_channels + 2 * head + head * last
+    elif space.head == "conv":
+        flops += size * size * last * in_channels
+        params += last * in_channels + 2 * last
+    flops += last * space.num_classes
+    params += last * space.num_classes + space.num_classes
     return float(flops), params
 
 

@@ -1,4 +1,4 @@
-"""The elastic supernet (AlphaNet / AttentiveNAS) and its static subnets.
+"""The elastic supernet (AlphaNet / AttentiveNAS, slimmable MobileNets) and its static subnets.
 
 Layout, as in AttentiveNAS with the MobileNetV3 head: stem conv 3x3 (BN, swish); seven stages of
 MBConv blocks (1x1 expand unless the stage's ratio is 1, depthwise kxk, optional SE, 1x1 project;
@@ -6,6 +6,11 @@ every block residual: identity, or avg-pool and/or a 1x1 projection when the sha
 last BN's gamma starts at zero); then 1x1 to 6x the width (BN, swish), global pool, 1x1 to the last
 width (swish, no BN), dropout and the classifier. The input is resized (bicubic) to the config's
 resolution inside the model.
+
+The slimmable spaces change four things, named by the space: ReLU6 for swish; MobileNetV2 blocks add
+their input only where the shape is unchanged (no projections, gamma starts at one) and its head is
+1x1 conv (BN, ReLU6), pool, classifier; MobileNetV1 blocks are depthwise (BN, ReLU6) + pointwise (BN,
+ReLU6) without residual, and the classifier follows the pool directly.
 """
 from __future__ import annotations
 
@@ -21,6 +26,7 @@ from .ops import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, Ela
 from .space import ArchConfig, SearchSpace
 
 HEAD_EXPANSION = 6
+ACTIVATIONS = {"swish": nn.SiLU, "relu6": nn.ReLU6}
 
 
 def resize(x: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -56,10 +62,14 @@ class Downsample(nn.Module):
 
 class ElasticMBConv(nn.Module):
     def __init__(self, max_in: int, max_out: int, max_kernel: int, max_expand: int, stride: int, use_se: bool,
-                 drop_connect_rate: float = 0.0):
+                 drop_connect_rate: float = 0.0, activation: str = "swish", shortcut: str = "always",
+                 project_activation: bool = False):
         super().__init__()
         max_mid = expanded_width(max_in, max_expand)
         self.stride = stride
+        self.act = ACTIVATIONS[activation]()
+        self.shortcut_kind = shortcut  # always | identity | none (see SearchSpace)
+        self.project_activation = project_activation
         # drop_connect * i / n for the i-th of the max network's n blocks in its last two stages, else 0;
         # applied (to the max subnet) only where the shortcut is the identity, as AttentiveNAS
         self.drop_connect_rate = drop_connect_rate
@@ -72,21 +82,27 @@ class ElasticMBConv(nn.Module):
         self.se = ElasticSqueezeExcite(max_mid) if use_se else None
         self.project = ElasticConv2d(max_mid, max_out)
         self.project_bn = ElasticBatchNorm2d(max_out)
-        nn.init.zeros_(self.project_bn.weight)  # each block starts as its shortcut
-        # Every block owns a projection (as in AttentiveNAS); it runs only when the active widths differ.
-        self.shortcut = ElasticConv2d(max_in, max_out)
+        if shortcut == "always":
+            nn.init.zeros_(self.project_bn.weight)  # each block starts as its shortcut
+            # Every block owns a projection (as in AttentiveNAS); it runs only when the active widths differ.
+            self.shortcut = ElasticConv2d(max_in, max_out)
 
     def forward(self, x: torch.Tensor, out_channels: int, kernel_size: int, expand_ratio: int,
                 regularize: bool = False) -> torch.Tensor:
         in_channels = x.size(1)
         h = x
         if self.has_expand:
-            h = F.silu(self.expand_bn(self.expand_conv(h, expanded_width(in_channels, expand_ratio))))
-        h = F.silu(self.depthwise_bn(self.depthwise(h, kernel_size)))
+            h = self.act(self.expand_bn(self.expand_conv(h, expanded_width(in_channels, expand_ratio))))
+        h = self.act(self.depthwise_bn(self.depthwise(h, kernel_size)))
         if self.se is not None:
             h = self.se(h)
         h = self.project_bn(self.project(h, out_channels))
-        if regularize and self.drop_connect_rate > 0 and self.stride == 1 and in_channels == out_channels:
+        if self.project_activation:
+            h = self.act(h)
+        identity = self.stride == 1 and in_channels == out_channels
+        if self.shortcut_kind == "none" or (self.shortcut_kind == "identity" and not identity):
+            return h
+        if regularize and self.drop_connect_rate > 0 and identity:
             h = drop_connect(h, self.drop_connect_rate)
         return self.shortcut_of(x, out_channels) + h
 
@@ -109,6 +125,7 @@ class ElasticSupernet(nn.Module):
         super().__init__()
         self.space = space
         self.dropout = dropout
+        self.act = ACTIVATIONS[space.activation]()
         width = max(space.first_conv_widths)
         self.stem = ElasticConv2d(space.in_channels, width, 3, space.first_conv_stride)
         self.stem_bn = ElasticBatchNorm2d(width)
@@ -121,13 +138,18 @@ class ElasticSupernet(nn.Module):
             for position in range(max(stage.depths)):
                 rate = drop_connect * index / total_blocks if in_last_two_stages else 0.0
                 blocks.append(ElasticMBConv(width, max(stage.widths), max(stage.kernel_sizes), max(stage.expand_ratios),
-                                            stage.stride if position == 0 else 1, stage.use_se, rate))
+                                            stage.stride if position == 0 else 1, stage.use_se, rate,
+                                            space.activation, space.shortcut, space.project_activation))
                 width = max(stage.widths)
                 index += 1
             self.stages.append(blocks)
-        self.head_expand = ElasticConv2d(width, HEAD_EXPANSION * width)
-        self.head_expand_bn = ElasticBatchNorm2d(HEAD_EXPANSION * width)
-        self.head_mix = ElasticConv2d(HEAD_EXPANSION * width, max(space.last_conv_widths))
+        if space.head == "attentive":
+            self.head_expand = ElasticConv2d(width, HEAD_EXPANSION * width)
+            self.head_expand_bn = ElasticBatchNorm2d(HEAD_EXPANSION * width)
+            self.head_mix = ElasticConv2d(HEAD_EXPANSION * width, max(space.last_conv_widths))
+        elif space.head == "conv":
+            self.head_conv = ElasticConv2d(width, max(space.last_conv_widths))
+            self.head_conv_bn = ElasticBatchNorm2d(max(space.last_conv_widths))
         self.classifier = ElasticLinear(max(space.last_conv_widths), space.num_classes)
         for module in self.modules():
             if isinstance(module, ElasticBatchNorm2d):
@@ -144,14 +166,20 @@ class ElasticSupernet(nn.Module):
         regularize = regularize and self.training
         widths = cfg["width"]
         x = resize(x, cfg["resolution"])
-        x = F.silu(self.stem_bn(self.stem(x, widths[0])))
+        x = self.act(self.stem_bn(self.stem(x, widths[0])))
         for stage_index, blocks in enumerate(self.stages):
             for block in blocks[: cfg["depth"][stage_index]]:
                 x = block(x, widths[stage_index + 1], cfg["kernel_size"][stage_index],
                           cfg["expand_ratio"][stage_index], regularize)
-        x = F.silu(self.head_expand_bn(self.head_expand(x, HEAD_EXPANSION * x.size(1))))
-        x = F.adaptive_avg_pool2d(x, 1)
-        x = F.silu(self.head_mix(x, widths[-1])).flatten(1)
+        if self.space.head == "attentive":
+            x = self.act(self.head_expand_bn(self.head_expand(x, HEAD_EXPANSION * x.size(1))))
+            x = F.adaptive_avg_pool2d(x, 1)
+            x = self.act(self.head_mix(x, widths[-1]))
+        elif self.space.head == "conv":
+            x = F.adaptive_avg_pool2d(self.act(self.head_conv_bn(self.head_conv(x, widths[-1]))), 1)
+        else:
+            x = F.adaptive_avg_pool2d(x, 1)
+        x = x.flatten(1)
         if regularize and self.dropout > 0:
             x = F.dropout(x, self.dropout)
         return self.classifier(x)
@@ -190,17 +218,18 @@ class StaticSqueezeExcite(nn.Module):
 
 class StaticMBConv(nn.Module):
     def __init__(self, expand: Optional[nn.Sequential], depthwise: nn.Sequential, se: Optional[nn.Module],
-                 project: nn.Sequential, pool_stride: int, shortcut: Optional[nn.Conv2d]):
+                 project: nn.Sequential, residual: bool, pool_stride: int = 1, shortcut: Optional[nn.Conv2d] = None):
         super().__init__()
         self.expand = expand if expand is not None else nn.Identity()
         self.depthwise, self.project = depthwise, project
         self.se = se if se is not None else nn.Identity()
+        self.residual = residual
         self.pool = Downsample(pool_stride) if pool_stride > 1 else nn.Identity()
         self.shortcut = shortcut if shortcut is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.project(self.se(self.depthwise(self.expand(x))))
-        return self.shortcut(self.pool(x)) + h
+        return self.shortcut(self.pool(x)) + h if self.residual else h
 
 
 class StaticSubnet(nn.Module):
@@ -225,8 +254,9 @@ def extract(supernet: ElasticSupernet, config: ArchConfig) -> StaticSubnet:
     space = supernet.space
     cfg = space.validate(copy.deepcopy(config))
     widths = cfg["width"]
+    act = ACTIVATIONS[space.activation]
     stem = nn.Sequential(_conv(supernet.stem.weight[: widths[0]], None, space.first_conv_stride),
-                         _bn(supernet.stem_bn, widths[0]), nn.SiLU())
+                         _bn(supernet.stem_bn, widths[0]), act())
     blocks: List[nn.Module] = []
     in_channels = widths[0]
     for stage_index, stage_blocks in enumerate(supernet.stages):
@@ -237,9 +267,9 @@ def extract(supernet: ElasticSupernet, config: ArchConfig) -> StaticSubnet:
             expand = None
             if block.has_expand:
                 expand = nn.Sequential(_conv(block.expand_conv.weight[:mid, :in_channels], None, 1),
-                                       _bn(block.expand_bn, mid), nn.SiLU())
+                                       _bn(block.expand_bn, mid), act())
             depthwise = nn.Sequential(_conv(block.depthwise.active_weight(mid, kernel), None, block.stride, groups=mid),
-                                      _bn(block.depthwise_bn, mid), nn.SiLU())
+                                      _bn(block.depthwise_bn, mid), act())
             se = None
             if block.se is not None:
                 squeeze = se_width(mid)
@@ -247,16 +277,26 @@ def extract(supernet: ElasticSupernet, config: ArchConfig) -> StaticSubnet:
                     _conv(block.se.reduce.weight[:squeeze, :mid], block.se.reduce.bias[:squeeze], 1),
                     _conv(block.se.expand.weight[:mid, :squeeze], block.se.expand.bias[:mid], 1))
             project = nn.Sequential(_conv(block.project.weight[:out_channels, :mid], None, 1),
-                                    _bn(block.project_bn, out_channels))
-            shortcut = None
-            if in_channels != out_channels:
-                shortcut = _conv(block.shortcut.weight[:out_channels, :in_channels], None, 1)
-            blocks.append(StaticMBConv(expand, depthwise, se, project, block.stride, shortcut))
+                                    _bn(block.project_bn, out_channels), *([act()] if space.project_activation else []))
+            if space.shortcut == "always":
+                shortcut = None
+                if in_channels != out_channels:
+                    shortcut = _conv(block.shortcut.weight[:out_channels, :in_channels], None, 1)
+                blocks.append(StaticMBConv(expand, depthwise, se, project, True, block.stride, shortcut))
+            else:
+                identity = space.shortcut == "identity" and block.stride == 1 and in_channels == out_channels
+                blocks.append(StaticMBConv(expand, depthwise, se, project, identity))
             in_channels = out_channels
-    head_width = HEAD_EXPANSION * in_channels
-    head = nn.Sequential(_conv(supernet.head_expand.weight[:head_width, :in_channels], None, 1),
-                         _bn(supernet.head_expand_bn, head_width), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
-                         _conv(supernet.head_mix.weight[: widths[-1], :head_width], None, 1), nn.SiLU())
+    if space.head == "attentive":
+        head_width = HEAD_EXPANSION * in_channels
+        head = nn.Sequential(_conv(supernet.head_expand.weight[:head_width, :in_channels], None, 1),
+                             _bn(supernet.head_expand_bn, head_width), act(), nn.AdaptiveAvgPool2d(1),
+                             _conv(supernet.head_mix.weight[: widths[-1], :head_width], None, 1), act())
+    elif space.head == "conv":
+        head = nn.Sequential(_conv(supernet.head_conv.weight[: widths[-1], :in_channels], None, 1),
+                             _bn(supernet.head_conv_bn, widths[-1]), act(), nn.AdaptiveAvgPool2d(1))
+    else:
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1))
     classifier = nn.Linear(widths[-1], space.num_classes)
     classifier.weight.copy_(supernet.classifier.weight[:, : widths[-1]])
     classifier.bias.copy_(supernet.classifier.bias)

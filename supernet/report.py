@@ -1,7 +1,10 @@
-"""Figures (one helper that writes every PNG atomically), the training-curve plot and the summary lines."""
+"""Figures (one helper that writes every PNG atomically), the training-curve plot, the summary lines
+and the per-width table of slimmable networks."""
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 from typing import Dict, List
 
@@ -58,3 +61,37 @@ def summary_lines(summary: Dict[str, object], out: str) -> List[str]:
         f"metrics: {os.path.join(out, 'metrics.csv')} and metrics.jsonl, per step: steps.jsonl",
         f"curves: {os.path.join(out, 'curves.png')}",
     ]
+
+
+WIDTH_COLUMNS = ("width", "mflops", "params", "top1")
+
+
+def width_table_lines(rows: List[Dict[str, float]], split: str) -> List[str]:
+    """One row per width, as the paper's Table 1: width, MFLOPs, parameters, calibrated top-1."""
+    lines = [f"{'width':>6}  {'MFLOPs':>8}  {'params (M)':>10}  {split + ' top-1':>11}"]
+    lines += [f"{row['width']:>6.2f}  {row['mflops']:>8.2f}  {row['params'] / 1e6:>10.3f}  {row['top1']:>10.2f}%"
+              for row in rows]
+    return lines
+
+
+def write_width_table(rows: List[Dict[str, float]], prefix: str, title: str) -> List[str]:
+    """`prefix`.json, .csv and .png (top-1 against MFLOPs, each point labelled with its width)."""
+    from .checkpoint import atomic_write
+
+    atomic_write(prefix + ".json", json.dumps(rows, indent=2).encode())
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(WIDTH_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(prefix + ".csv", text.getvalue().encode())
+    figure, axis = plt.subplots(figsize=(6, 4))
+    axis.plot([row["mflops"] for row in rows], [row["top1"] for row in rows], marker="o")
+    for row in rows[::max(1, -(-len(rows) // 8))]:  # at most 8 labels, so they stay legible
+        axis.annotate(f"{row['width']:.2f}x", (row["mflops"], row["top1"]), fontsize=7, xytext=(3, -9),
+                      textcoords="offset points")
+    axis.set_xlabel("MFLOPs (multiply-adds)")
+    axis.set_ylabel("top-1 (%), BN recalibrated per width")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    save_figure(figure, prefix + ".png")
+    return [prefix + suffix for suffix in (".json", ".csv", ".png")]

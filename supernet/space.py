@@ -4,6 +4,11 @@ An arch config is a JSON dict in the AlphaNet / AttentiveNAS naming, so publishe
     {"resolution": 224, "width": [9 ints: first conv, 7 stages, last conv],
      "depth": [7], "kernel_size": [7], "expand_ratio": [7]}
 Width, kernel and expand ratio are shared by the blocks of a stage; a stage runs its first d blocks.
+
+Slimmable spaces (`slim_mbv1`, `slim_mbv2` and their digits-sized variants) are the same machinery
+with width as the only elastic dimension: a width multiplier w in the space's range gives every
+layer make_divisible(base * w) channels (the universally slimmable networks' rounding), and their
+max / min / random configs are those of the range's ends and of a uniform w.
 """
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import dataclasses
 import json
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
+
+from .ops import make_divisible
 
 ArchConfig = Dict[str, object]
 ARCH_KEYS = ("resolution", "width", "depth", "kernel_size", "expand_ratio")
@@ -39,6 +46,17 @@ class SearchSpace:
     num_classes: int
     in_channels: int = 3
     first_conv_stride: int = 2
+    # The network family. AttentiveNAS: swish, every block residual (a projection where shapes change),
+    # the MobileNetV3 head. MobileNetV2: ReLU6, identity residuals only, a 1x1 conv head. MobileNetV1:
+    # ReLU6 after both convs of a depthwise-separable block, no residuals, pooling straight after.
+    activation: str = "swish"  # swish | relu6
+    shortcut: str = "always"  # always | identity | none
+    project_activation: bool = False  # activation after the block's 1x1 projection (MobileNetV1)
+    head: str = "attentive"  # attentive | conv | pool
+    # Slimmable spaces: the width multiplier range and the channels of every width gene at w = 1; a
+    # gene whose base is None keeps its one width (MobileNetV2's 1280-channel head conv).
+    width_range: Optional[Tuple[float, float]] = None
+    base_widths: Optional[Tuple[Optional[int], ...]] = None
 
     # -- the choices per gene, in config order ---------------------------------------------------
     def choices(self) -> Dict[str, List[Tuple[int, ...]]]:
@@ -56,13 +74,35 @@ class SearchSpace:
         return config
 
     def max_config(self) -> ArchConfig:
-        return self._build(max)
+        return self.width_config(self.width_range[1]) if self.width_range else self._build(max)
 
     def min_config(self) -> ArchConfig:
-        return self._build(min)
+        return self.width_config(self.width_range[0]) if self.width_range else self._build(min)
 
     def random_config(self, rng: random.Random) -> ArchConfig:
+        if self.width_range:
+            return self.width_config(rng.uniform(*self.width_range))
         return self._build(rng.choice)
+
+    # -- slimmable spaces --------------------------------------------------------------------------
+    def width_config(self, width_mult: float) -> ArchConfig:
+        """The config of a slimmable space at width multiplier `width_mult` (any value in its range)."""
+        if not self.width_range:
+            raise ValueError(f"the {self.name!r} space is not slimmable: a width multiplier needs one of "
+                             f"{', '.join(name for name, space in SPACES.items() if space.width_range)}")
+        low, high = self.width_range
+        if not low - 1e-9 <= width_mult <= high + 1e-9:
+            raise ValueError(f"width {width_mult:g} is outside the {self.name!r} space's range [{low:g}, {high:g}]")
+        config = self._build(min)
+        config["width"] = [scaled_width(base, width_mult) if base else options[0]
+                           for base, options in zip(self.base_widths, self.choices()["width"])]
+        return config
+
+    def width_grid(self, step: float = 0.05) -> List[float]:
+        """The range's widths `step` apart, both ends included (the paper's Table 1 columns)."""
+        low, high = self.width_range
+        count = int(round((high - low) / step))
+        return sorted({round(min(high, low + i * step), 4) for i in range(count + 1)} | {high})
 
     def random_config_in_window(self, rng: random.Random, flops_fn: Callable[[ArchConfig], float],
                                 min_mflops: float, max_mflops: float, max_tries: int = 10_000) -> ArchConfig:
@@ -96,6 +136,8 @@ class SearchSpace:
             columns = [[config[key]] if key == "resolution" else list(config[key]) for config in configs]
             values = [combine(options, *column) for options, *column in zip(genes, *columns)]
             result[key] = values[0] if key == "resolution" else values
+        if self.head == "pool":  # no head conv: the classifier's width is the last stage's
+            result["width"][-1] = result["width"][-2]
         return result
 
     def validate(self, config: ArchConfig) -> ArchConfig:
@@ -115,11 +157,40 @@ class SearchSpace:
                     where = key if key == "resolution" else f"{key}[{index}]"
                     raise ValueError(f"arch config {where} = {value!r} is not in the {self.name!r} space: "
                                      f"choose from {list(options)}")
+        if self.head == "pool" and config["width"][-1] != config["width"][-2]:
+            raise ValueError(f"arch config width[-1] = {config['width'][-1]} must equal the last stage's width "
+                             f"{config['width'][-2]} in the {self.name!r} space (no head conv)")
         return config
 
 
 def _stage(widths, depths, kernel_sizes, expand_ratios, stride, use_se) -> Stage:
     return Stage(tuple(widths), tuple(depths), tuple(kernel_sizes), tuple(expand_ratios), stride, use_se)
+
+
+def scaled_width(base: int, width_mult: float) -> int:
+    """Channels of a layer with `base` channels at w = 1, as universally slimmable networks round them."""
+    return make_divisible(base * width_mult)
+
+
+def width_choices(base: Optional[int], width_range: Tuple[float, float]) -> Tuple[int, ...]:
+    """Every width `scaled_width` gives over the range (it is monotone and steps by 8 channels)."""
+    low, high = (scaled_width(base, w) for w in width_range)
+    return tuple(range(low, high + 1, 8))
+
+
+def slimmable_space(name: str, resolution: int, blocks, stem: int, last: Optional[int], width_range, num_classes: int,
+                    first_conv_stride: int = 2, **family) -> SearchSpace:
+    """A slimmable MobileNet from its block table [(expand ratio, channels, blocks, stride)]; `last` is
+    the head conv's width (None: MobileNetV1, pooling straight after the last stage)."""
+    stages = tuple(_stage(width_choices(channels, width_range), [count], [3], [ratio], stride, False)
+                   for ratio, channels, count, stride in blocks)
+    last_options = stages[-1].widths if last is None else (last,)
+    return SearchSpace(name=name, resolutions=(resolution,), first_conv_widths=width_choices(stem, width_range),
+                       stages=stages, last_conv_widths=last_options, num_classes=num_classes,
+                       first_conv_stride=first_conv_stride, width_range=width_range,
+                       base_widths=(stem, *(channels for _, channels, _, _ in blocks),
+                                    blocks[-1][1] if last is None else None),
+                       activation="relu6", **family)
 
 
 # AlphaNet = AttentiveNAS: the search space of their training and search configs.
@@ -162,7 +233,33 @@ TINY = SearchSpace(
 # The tiny space at the scale of 8x8 digit images (upsampled in the model to 12 or 16 pixels).
 DIGITS = dataclasses.replace(TINY, name="digits", resolutions=(12, 16))
 
-SPACES = {space.name: space for space in (ALPHANET, TINY, DIGITS)}
+# Slimmable MobileNetV1 / V2 at ImageNet scale, with the block tables and width ranges of universally
+# slimmable networks; MobileNetV2's head conv keeps 1280 channels at every width <= 1.
+MOBILENET_V1_BLOCKS = [(1, 64, 1, 1), (1, 128, 2, 2), (1, 256, 2, 2), (1, 512, 6, 2), (1, 1024, 2, 2)]
+MOBILENET_V2_BLOCKS = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                       (6, 320, 1, 1)]
+MOBILENET_V1 = dict(shortcut="none", project_activation=True, head="pool")
+MOBILENET_V2 = dict(shortcut="identity", head="conv")
+SLIM_MBV1 = slimmable_space("slim_mbv1", 224, MOBILENET_V1_BLOCKS, 32, None, (0.25, 1.0), 1000, **MOBILENET_V1)
+SLIM_MBV2 = slimmable_space("slim_mbv2", 224, MOBILENET_V2_BLOCKS, 32, 1280, (0.35, 1.0), 1000, **MOBILENET_V2)
+# Digits-sized variants (8x8 images upsampled to 16, 10 classes): a quarter of the channels, stride-1
+# stem, one block per stage and three stride-2 stages, so the last maps are 2x2.
+SLIM_MBV1_DIGITS = slimmable_space("slim_mbv1_digits", 16, [(1, 32, 1, 1), (1, 64, 1, 2), (1, 128, 2, 2),
+                                                            (1, 256, 1, 2)],
+                                   16, None, (0.25, 1.0), 10, first_conv_stride=1, **MOBILENET_V1)
+SLIM_MBV2_DIGITS = slimmable_space("slim_mbv2_digits", 16, [(1, 16, 1, 1), (6, 24, 1, 2), (6, 32, 2, 1),
+                                                            (6, 64, 2, 2), (6, 96, 1, 1), (6, 160, 1, 2)],
+                                   32, 320, (0.35, 1.0), 10, first_conv_stride=1, **MOBILENET_V2)
+
+SPACES = {space.name: space for space in (ALPHANET, TINY, DIGITS, SLIM_MBV1, SLIM_MBV2, SLIM_MBV1_DIGITS,
+                                          SLIM_MBV2_DIGITS)}
+
+# Published MobileNets at the ends of the slimmable ranges, (MFLOPs, M parameters), from the tables of
+# the TensorFlow-Slim MobileNetV1 / V2 checkpoints (224 pixels, 1000 classes).
+PUBLISHED_WIDTHS = {
+    "slim_mbv1": {1.0: (569, 4.24), 0.25: (41, 0.47)},
+    "slim_mbv2": {1.0: (300, 3.47), 0.35: (59, 1.66)},
+}
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,9 @@ from .config import (CommandLineParser, TrainConfig, add_config_arguments, error
                      save_yaml, to_dict)
 from .data import load_splits, num_classes
 from .evaluate import calibration_loader, classification_metrics, to_device
+from .flops import flops_and_params
 from .model import ElasticSupernet
-from .report import plot_curves, summary_lines
+from .report import plot_curves, summary_lines, width_table_lines, write_width_table
 from .space import ArchConfig, SearchSpace, get_space
 
 # ---------------------------------------------------------------------------------------------
@@ -98,7 +99,8 @@ def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torc
     if config.kd == "none":
         return F.cross_entropy(student.float(), labels, label_smoothing=config.label_smoothing)
     alphas = (1.0, 1.0) if config.kd == "kl" else (config.alpha_min, config.alpha_max)
-    return fused_adaptive_kd(student, teacher, alpha_min=alphas[0], alpha_max=alphas[1], clip=config.kd_clip)
+    return fused_adaptive_kd(student, teacher, alpha_min=alphas[0], alpha_max=alphas[1], clip=config.kd_clip,
+                             temperature=config.kd_temperature)
 
 
 def sandwich_backward(model: ElasticSupernet, images: torch.Tensor, labels: torch.Tensor,
@@ -388,6 +390,18 @@ def calibrated_accuracy(run: Run, loader: DataLoader, subnet: ArchConfig) -> Dic
         model.train()
 
 
+def evaluate_widths(run: Run, split: str, widths: List[float]) -> List[Dict[str, float]]:
+    """Calibrated top-1 of a slimmable supernet at each width, with its MFLOPs and parameters."""
+    loader = DataLoader(run.splits[split], batch_size=run.config.eval_batch_size, num_workers=run.config.workers)
+    rows = []
+    for width in widths:
+        arch = run.space.width_config(width)
+        flops, params = flops_and_params(run.space, arch)
+        rows.append({"width": width, "mflops": flops / 1e6, "params": params,
+                     "top1": calibrated_accuracy(run, loader, arch)["top1"]})
+    return rows
+
+
 def evaluate_min_max(run: Run, split: str) -> Dict[str, float]:
     loader = DataLoader(run.splits[split], batch_size=run.config.eval_batch_size, num_workers=run.config.workers)
     return {name: calibrated_accuracy(run, loader, subnet)["top1"]
@@ -418,6 +432,12 @@ def finish(run: Run) -> Dict[str, object]:
         summary.update(test_top1_max=accuracy["max"], test_top1_min=accuracy["min"])
         plot_curves(run.history, os.path.join(run.out, "curves.png"))
         lines = summary_lines(summary, run.out)
+        if run.space.width_range:  # slimmable: the paper's Table 1 row, one width per line
+            rows = evaluate_widths(run, "test", run.space.width_grid())
+            summary["widths"] = rows
+            write_width_table(rows, os.path.join(run.out, "widths"), f"{run.space.name} on {run.config.dataset}")
+            lines += ["", *width_table_lines(rows, "test"),
+                      f"per width: {os.path.join(run.out, 'widths')}.csv, .json and .png"]
         ckpt.atomic_write(os.path.join(run.out, "summary.txt"), ("\n".join(lines) + "\n").encode())
         print("\n".join(lines), flush=True)
     return summary
@@ -459,7 +479,8 @@ def _progress(runtime: Runtime, loader, epoch: int, epochs: int, done: int, tota
 def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet train", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="digits", help="named preset: digits (default) or imagenet")
+    parser.add_argument("--preset", default="digits",
+                        help="named preset: digits (default), imagenet, slim-digits or slim-imagenet")
     parser.add_argument("--config", default=None, help="YAML file of config keys")
     parser.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
     add_config_arguments(parser)
