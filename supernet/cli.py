@@ -15,6 +15,7 @@ SUBCOMMANDS = {  # name: (module, help)
     "convert": ("convert", "a supernet checkpoint of the AlphaNet reference code, in this project's format"),
     "distill": ("distill", "a student from a fixed teacher: (1 - beta) CE + beta T^2 adaptive KD"),
     "finetune": ("finetune", "transfer a trained model to new classes or data (hold-out LR / WD search)"),
+    "ablate": ("ablate", "the paper's comparisons (KD kind, temperature, clip, alphas) over seeds, with intervals"),
 }
 EXTRA_MODULES = {"yaml": "pyyaml", "tqdm": "tqdm", "matplotlib": "matplotlib", "sklearn": "scikit-learn",
                  "torchvision": "torchvision"}

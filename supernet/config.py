@@ -14,6 +14,7 @@ from typing import Dict, Optional
 
 from alphadiv_kernels._constants import MAX_TEMPERATURE
 
+from .data import DATASETS, is_bundled
 from .space import SPACES
 
 IMAGENET_SPACES = ("alphanet", "slim_mbv1", "slim_mbv2")
@@ -25,7 +26,7 @@ def key(default, group: str, help: str):
 
 @dataclass
 class TrainConfig:
-    dataset: str = key("digits", "data", "digits (bundled, no download) | cifar10 | imagefolder")
+    dataset: str = key("digits", "data", "digits | digits_lowdata (bundled, no download) | cifar10 | imagefolder")
     data_path: str = key("", "data", "folder of cifar10 / imagefolder data")
     space: str = key("tiny", "data", "search space: alphanet | tiny | digits | slim_mbv1 | slim_mbv2 | "
                                       "slim_mbv1_digits | slim_mbv2_digits")
@@ -64,6 +65,10 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "digits": dict(space="digits", epochs=30, lr_per_256=0.4, warmup_epochs=2),
     # Slimmable MobileNetV2 on digits: widths 0.35-1.0, the sandwich over widths (section 4.1)
     "slim-digits": dict(space="slim_mbv2_digits", epochs=15, lr_per_256=0.4, warmup_epochs=2),
+    # Comparisons that can show a difference on a laptop (alphanet ablate): slimmable MobileNetV1 on
+    # 361 training digits, tested on 1257; its narrowest width (6 k parameters) is capacity-limited
+    "ablation": dict(dataset="digits_lowdata", space="slim_mbv1_digits", epochs=60, batch_size=32, lr_per_256=0.4,
+                     warmup_epochs=2, calib_images=180),
     # Section 4.1's ImageNet recipe: 16 processes x 128 = 2048 images at LR 0.8, cosine, 360 epochs
     "slim-imagenet": dict(dataset="imagefolder", space="slim_mbv2", image_size=224, num_random_subnets=2,
                           epochs=360, batch_size=128, lr_per_256=0.1, warmup_epochs=0, weight_decay=1e-5,
@@ -76,7 +81,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
                      workers=4),
 }
 
-CHOICES = {"dataset": ("digits", "cifar10", "imagefolder"), "space": tuple(SPACES),
+CHOICES = {"dataset": DATASETS, "space": tuple(SPACES),
            "kd": ("adaptive", "kl", "none"), "amp": ("bf16", "fp16", "off")}
 POSITIVE = ("epochs", "batch_size", "calib_images", "eval_batch_size", "max_nonfinite_steps", "image_size",
             "lr_per_256", "kd_clip", "kd_temperature")
@@ -194,12 +199,12 @@ def validate(config: TrainConfig) -> None:
     check_ranges(config, CHOICES, POSITIVE, NON_NEGATIVE, FRACTIONS)
     if config.alpha_min > config.alpha_max:
         raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
-    if config.dataset != "digits" and not config.data_path:
+    if not is_bundled(config.dataset) and not config.data_path:
         raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path for train, --data-path for "
                          "eval / search / export)")
     if config.kd_temperature > MAX_TEMPERATURE:
         raise ValueError(f"config key 'kd_temperature' must be at most {MAX_TEMPERATURE:g}, got {config.kd_temperature}")
-    if config.dataset == "digits" and config.space in IMAGENET_SPACES:
+    if is_bundled(config.dataset) and config.space in IMAGENET_SPACES:
         raise ValueError(f"the {config.space} space is ImageNet-sized (224 pixels and more, 1000 classes); train digits "
                          "on the digits, tiny, slim_mbv1_digits or slim_mbv2_digits space")
 
@@ -240,16 +245,17 @@ class CommandLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None) -> None:
-    """Every key of a config dataclass as `--key VALUE` (also `--key=VALUE`, dashes or underscores), grouped
-    in --help with its type, default and help. Values stay strings here; `overrides` collects them."""
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, exclude=()) -> None:
+    """Every key of a config dataclass (but `exclude`) as `--key VALUE` (also `--key=VALUE`, dashes or
+    underscores), grouped in --help with its type, default and help. Values stay strings here;
+    `overrides` collects them."""
     cls = cls or TrainConfig
     types = field_types(cls)
     groups = dict.fromkeys(item.metadata["group"] for item in fields(cls))
     for group in groups:
         section = parser.add_argument_group(f"{group} keys (also in the YAML file of --config)")
         for item in fields(cls):
-            if item.metadata["group"] != group:
+            if item.metadata["group"] != group or item.name in exclude:
                 continue
             kind = types[item.name]
             names = dict.fromkeys([f"--{item.name}", f"--{item.name.replace('_', '-')}"])

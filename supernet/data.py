@@ -1,6 +1,8 @@
 """Datasets: scikit-learn's bundled digits (no download), CIFAR-10 and ImageFolder from local folders.
 
-Each returns train / val / test splits. Digits uses a fixed 70/10/20 split; CIFAR-10 (its python
+Each returns train / val / test splits. Digits uses a fixed 70/10/20 split, `digits_lowdata` the
+same images split 20/10/70 (361 training images, 1257 test images: students limited by data, and a
+test split on which a 0.5-point difference is 6 images, not 2); CIFAR-10 (its python
 batches, read directly) holds out 5000 training images (a tenth of smaller sets) as its validation
 split and tests on its test batch; an ImageFolder root has train/ and val/ (and test/, else val
 doubles as test).
@@ -20,10 +22,17 @@ import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 SPLIT_SEED = 1234  # the splits never depend on the training seed
-NUM_CLASSES = {"digits": 10, "cifar10": 10}
+DIGITS_SPLITS = {"digits": (0.2, 0.1), "digits_lowdata": (0.8, 0.1)}  # (test, val) fractions; train: the rest
+DATASETS = (*DIGITS_SPLITS, "cifar10", "imagefolder")
+NUM_CLASSES = {"digits": 10, "digits_lowdata": 10, "cifar10": 10}
 
 
-def digits_splits() -> Dict[str, Dataset]:
+def is_bundled(dataset: str) -> bool:
+    """Data that ships with the dependencies: no folder, no augmentation."""
+    return dataset in DIGITS_SPLITS
+
+
+def digits_splits(dataset: str = "digits") -> Dict[str, Dataset]:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -31,7 +40,8 @@ def digits_splits() -> Dict[str, Dataset]:
     images = ((images - 0.5) / 0.5).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()  # 3 channels
     labels = torch.tensor(bunch.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    n_test, n_val = len(order) // 5, len(order) // 10
+    test_fraction, val_fraction = DIGITS_SPLITS[dataset]
+    n_test, n_val = int(len(order) * test_fraction), int(len(order) * val_fraction)
     parts = {"test": order[:n_test], "val": order[n_test:n_test + n_val], "train": order[n_test + n_val:]}
     return {name: TensorDataset(images[index], labels[index]) for name, index in parts.items()}
 
@@ -119,13 +129,13 @@ def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
 
 
 def load_splits(dataset: str, data_path: str = "", image_size: int = 32) -> Dict[str, Dataset]:
-    if dataset == "digits":
-        return digits_splits()
+    if is_bundled(dataset):
+        return digits_splits(dataset)
     if dataset == "cifar10":
         return cifar10_splits(data_path, image_size)
     if dataset == "imagefolder":
         return imagefolder_splits(data_path, image_size)
-    raise ValueError(f"unknown dataset {dataset!r}: choose digits, cifar10 or imagefolder")
+    raise ValueError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)}")
 
 
 def num_classes(dataset: str, splits: Dict[str, Dataset]) -> int:

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import models, runlog
 from .config import (CommandLineParser, add_config_arguments, apply, check_ranges, key, overrides, resolve_config,
                      save_yaml, to_dict)
-from .data import load_splits, num_classes
+from .data import DATASETS, is_bundled, load_splits, num_classes
 from .calibration import recalibrate_bn
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .report import plot_curves
@@ -42,7 +42,7 @@ from .train import (Interrupted, NonFiniteLossError, Runtime, _progress, all_red
 
 @dataclass
 class DistillConfig:
-    dataset: str = key("digits", "data", "digits (bundled, no download) | cifar10 | imagefolder")
+    dataset: str = key("digits", "data", "digits | digits_lowdata (bundled, no download) | cifar10 | imagefolder")
     data_path: str = key("", "data", "folder of cifar10 / imagefolder data")
     image_size: int = key(32, "data", "training crop / evaluation size of the images (pixels)")
     student: str = key("arch:digits:min", "models", f"the student: {models.SPEC_HELP}")
@@ -88,7 +88,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
 
 
 def validate(config: DistillConfig) -> None:
-    check_ranges(config, {"dataset": ("digits", "cifar10", "imagefolder"), "kd": ("adaptive", "kl", "none"),
+    check_ranges(config, {"dataset": DATASETS, "kd": ("adaptive", "kl", "none"),
                           "amp": ("bf16", "fp16", "off")},
                  positive=("epochs", "batch_size", "eval_batch_size", "max_nonfinite_steps", "image_size",
                            "lr_per_256", "kd_clip", "teacher_epochs"),
@@ -101,9 +101,9 @@ def validate(config: DistillConfig) -> None:
         raise ValueError(f"config key 'temperature' must be in (0, 100], got {config.temperature}")
     if config.alpha_min > config.alpha_max:
         raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
-    if config.dataset != "digits" and not config.data_path:
+    if not is_bundled(config.dataset) and not config.data_path:
         raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path)")
-    if config.cache_teacher and config.dataset != "digits":
+    if config.cache_teacher and not is_bundled(config.dataset):
         raise ValueError(f"--cache_teacher needs data without random augmentation; {config.dataset!r} training "
                          "images are augmented, so the teacher must see each one")
     if config.teacher_checkpoint and config.teacher:
@@ -122,7 +122,7 @@ def default_teacher(config: DistillConfig) -> str:
     if config.teacher_checkpoint:
         return f"supernet:{config.teacher_checkpoint}:{config.teacher_arch}"
     kind, _, rest = config.student.partition(":")
-    space = rest.split(":")[0] if kind == "arch" else ("digits" if config.dataset == "digits" else "tiny")
+    space = rest.split(":")[0] if kind == "arch" else ("digits" if is_bundled(config.dataset) else "tiny")
     return f"arch:{space}:max"
 
 

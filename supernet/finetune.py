@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import models
 from .calibration import recalibrate_bn
 from .config import CommandLineParser, error_line
-from .data import load_splits, num_classes
+from .data import DATASETS, load_splits, num_classes
 from .evaluate import classification_metrics
 
 
@@ -121,7 +121,7 @@ def _numbers(text: str, name: str) -> List[float]:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet finetune", description=__doc__)
     parser.add_argument("--model", required=True, help=f"the model: {models.SPEC_HELP}")
-    parser.add_argument("--dataset", default="digits", choices=["digits", "cifar10", "imagefolder"])
+    parser.add_argument("--dataset", default="digits", choices=list(DATASETS))
     parser.add_argument("--data-path", default="", help="folder of cifar10 / imagefolder data")
     parser.add_argument("--image-size", type=int, default=32, help="image size of cifar10 / imagefolder")
     parser.add_argument("--classes", default=None, help="comma-separated class indices to keep (default: all)")

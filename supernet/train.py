@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import math
 import os
 import random
@@ -439,6 +440,7 @@ def finish(run: Run) -> Dict[str, object]:
             lines += ["", *width_table_lines(rows, "test"),
                       f"per width: {os.path.join(run.out, 'widths')}.csv, .json and .png"]
         ckpt.atomic_write(os.path.join(run.out, "summary.txt"), ("\n".join(lines) + "\n").encode())
+        ckpt.atomic_write(os.path.join(run.out, "summary.json"), json.dumps(summary, indent=1).encode())
         print("\n".join(lines), flush=True)
     return summary
 
