@@ -66,7 +66,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
     # Slimmable MobileNetV2 on digits: widths 0.35-1.0, the sandwich over widths (section 4.1)
     "slim-digits": dict(space="slim_mbv2_digits", epochs=15, lr_per_256=0.4, warmup_epochs=2),
     # Comparisons that can show a difference on a laptop (alphanet ablate): slimmable MobileNetV1 on
-    # 361 training digits, tested on 1257; its narrowest width (6 k parameters) is capacity-limited
+    # 181 training digits, tested on 1437; its narrowest width (6 k parameters) is capacity-limited
     "ablation": dict(dataset="digits_lowdata", space="slim_mbv1_digits", epochs=60, batch_size=32, lr_per_256=0.4,
                      warmup_epochs=2, calib_images=180),
     # Section 4.1's ImageNet recipe: 16 processes x 128 = 2048 images at LR 0.8, cosine, 360 epochs

@@ -1,8 +1,8 @@
 """Datasets: scikit-learn's bundled digits (no download), CIFAR-10 and ImageFolder from local folders.
 
 Each returns train / val / test splits. Digits uses a fixed 70/10/20 split, `digits_lowdata` the
-same images split 20/10/70 (361 training images, 1257 test images: students limited by data, and a
-test split on which a 0.5-point difference is 6 images, not 2); CIFAR-10 (its python
+same images split 10/10/80 (181 training images, 1437 test images: students limited by data, and a
+test split on which one image is 0.07 points, not 0.28); CIFAR-10 (its python
 batches, read directly) holds out 5000 training images (a tenth of smaller sets) as its validation
 split and tests on its test batch; an ImageFolder root has train/ and val/ (and test/, else val
 doubles as test).

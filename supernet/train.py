@@ -482,7 +482,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet train", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="digits",
-                        help="named preset: digits (default), imagenet, slim-digits or slim-imagenet")
+                        help="named preset: digits (default), imagenet, slim-digits, slim-imagenet or ablation")
     parser.add_argument("--config", default=None, help="YAML file of config keys")
     parser.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
     add_config_arguments(parser)
