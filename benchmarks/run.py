@@ -26,8 +26,12 @@ from .timing import copy_bandwidth_gbs, time_in_rounds
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["loss", "fused-linear"], default="loss",
-                        help="loss: the KD loss on logits (default); fused-linear: projection + loss, chunked")
+    parser.add_argument("--suite", choices=["loss", "fused-linear", "data"], default="loss",
+                        help="loss: the KD loss on logits (default); fused-linear: projection + loss, chunked; "
+                             "data: training images/s of the ImageNet input pipeline against the reference's")
+    parser.add_argument("--data-images", type=int, default=300, help="data suite: JPEGs generated and read")
+    parser.add_argument("--data-root", default=os.path.join("results", "data-jpegs"),
+                        help="data suite: folder of the generated JPEGs (reused when it holds --data-images)")
     parser.add_argument("--linear-shapes", nargs="+", default=None,
                         help="NxHxV shapes of the fused-linear suite (default: 4096x1024x32000 on CPU)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -49,6 +53,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
         parser.error("--device cuda: no CUDA device is visible")
     if args.repeats < 3:
         parser.error("--repeats must be at least 3")
+    if args.data_images < 2 * 32:
+        parser.error("--data-images must be at least 64 (two batches)")
     return args
 
 
@@ -120,11 +126,28 @@ def run_fused_linear(args, dtype: torch.dtype) -> List[dict]:
     return rows
 
 
+def run_data(args) -> List[dict]:
+    from . import data_pipeline
+
+    print(f"{machine_description('cpu')}; {args.data_images} JPEGs in {args.data_root}")
+    rows = data_pipeline.run(args.data_root, args.data_images, image_size=224)
+    line = data_pipeline.print_table(rows)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or os.path.join("results", f"data-{stamp}")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as handle:
+        json.dump({"machine": machine_description("cpu"), "rows": rows, "summary": line}, handle, indent=1)
+    print(f"wrote {os.path.join(out_dir, 'results.json')}")
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> List[report.Row]:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[args.device])
     if args.suite == "fused-linear":
         return run_fused_linear(args, dtype)
+    if args.suite == "data":
+        return run_data(args)
     shapes = [parse_shape(text) for text in (args.shapes or DEFAULT_SHAPES[args.device])]
     providers = select_providers(args.providers, args.device)
     machine = machine_description(args.device)

@@ -8,7 +8,8 @@ Every grid point (the product of the --grid values; `alphas=MIN:MAX` sets alpha_
 trained once per seed by `alphanet train` in a process of its own, in `OUT/runs/<point>/seed-<s>`, its
 output in `OUT/logs/`. The comparison's baseline, KL distillation (`kd=kl`, the other grid keys at the
 preset's values), is trained too when the grid lacks it. A finished run is never run again and an
-unfinished one resumes from its checkpoint, so the same command continues an interrupted ablation.
+unfinished one resumes from its checkpoint, so the same command continues an interrupted ablation,
+and the same command with more seeds extends a finished one.
 
 Per grid point the calibrated test top-1 of the max and min subnets (and of each width of a slimmable
 space) is reported as mean and standard deviation over seeds, with the difference to the KL baseline
@@ -116,9 +117,13 @@ class Plan:
         return {"preset": self.preset, "grid": self.grid, "seeds": self.seeds, "fixed": self.fixed,
                 "config": self.yaml_path, "quick": self.quick}
 
+    def identity(self) -> Dict[str, object]:
+        """What makes two ablations the same one: all but the seeds (more seeds extend an ablation)."""
+        return {key: value for key, value in self.to_json().items() if key != "seeds"}
+
     def default_folder(self) -> str:
         """runs/ablation-<preset>-<digest of the plan>: the same command finds the same folder."""
-        digest = hashlib.sha1(json.dumps(self.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+        digest = hashlib.sha1(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:8]
         return os.path.join("runs", f"ablation-{self.preset}-{digest}")
 
     def train_values(self, point: Point, seed: int, out: str) -> Dict[str, str]:
@@ -401,7 +406,8 @@ def open_folder(out: str, plan: Plan) -> None:
     if os.path.exists(plan_path):
         with open(plan_path) as handle:
             saved = json.load(handle)
-        if saved != json.loads(json.dumps(plan.to_json())):
+        saved.pop("seeds", None)
+        if saved != json.loads(json.dumps(plan.identity())):
             raise ValueError(f"--out {out!r} holds a different ablation ({plan_path}); choose another folder")
     elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise ValueError(f"--out {out!r} exists and is not an ablation folder")

@@ -10,7 +10,10 @@ doubles as test).
 ImageFolder uses the AlphaNet reference's ImageNet pipeline: training images get a bicubic
 RandomResizedCrop to `image_size`, a horizontal flip and AutoAugment (torchvision's ImageNet policy);
 evaluation images are resized (bicubic) to `image_size * 256 / 224` on the short side and centre-
-cropped to `image_size`. The model then resizes to each subnet's resolution.
+cropped to `image_size`. The model then resizes to each subnet's resolution. Files are decoded by
+torchvision (`decode_rgb`) and transformed as uint8 tensors with transforms v2, converted to float
+and normalised last; `python -m benchmarks --suite data` measures this against the reference's PIL
+pipeline.
 """
 from __future__ import annotations
 
@@ -99,19 +102,70 @@ IMAGENET_MEAN = (123.675 / 255, 116.28 / 255, 103.53 / 255)  # the reference's p
 IMAGENET_STD = (58.395 / 255, 57.12 / 255, 57.375 / 255)
 
 
-def imagenet_transforms(image_size: int):
-    """(training, evaluation) transforms of the reference's ImageNet pipeline (see the module doc)."""
-    from torchvision import transforms
+def decode_rgb(path: str) -> torch.Tensor:
+    """A file's pixels as a uint8 [3, H, W] tensor: JPEG / PNG / WebP / GIF decoded by torchvision
+    (libjpeg-turbo, no PIL image in between), other formats through PIL."""
+    from torchvision.io import ImageReadMode, decode_image, read_file
 
-    bicubic = transforms.InterpolationMode.BICUBIC
-    normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
-    training = transforms.Compose([
-        transforms.RandomResizedCrop(image_size, interpolation=bicubic), transforms.RandomHorizontalFlip(),
-        transforms.AutoAugment(transforms.AutoAugmentPolicy.IMAGENET), transforms.ToTensor(), normalize])
-    evaluation = transforms.Compose([
-        transforms.Resize(int(image_size * 256 / 224), interpolation=bicubic), transforms.CenterCrop(image_size),
-        transforms.ToTensor(), normalize])
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except RuntimeError:
+        from PIL import Image
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        with Image.open(path) as image:
+            return pil_to_tensor(image.convert("RGB"))
+
+
+def imagenet_transforms(image_size: int):
+    """(training, evaluation) transforms of the reference's ImageNet pipeline (see the module doc), from
+    `decode_rgb`'s uint8 tensors to uint8 [H, W, 3] tensors: the crop is cut before it is resized,
+    AutoAugment runs on the crop through PIL's C operations (twice as fast as its tensor operations
+    here), and float conversion and normalisation are left to `normalize_on_device`."""
+    from torchvision.transforms import v2
+
+    bicubic = v2.InterpolationMode.BICUBIC
+    training = v2.Compose([
+        v2.RandomResizedCrop(image_size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip(),
+        PILAutoAugment()])
+    evaluation = v2.Compose([
+        v2.Resize(int(image_size * 256 / 224), interpolation=bicubic, antialias=True), v2.CenterCrop(image_size),
+        channels_last_bytes])
     return training, evaluation
+
+
+class PILAutoAugment(torch.nn.Module):
+    """AutoAugment (ImageNet policy) of a uint8 [3, H, W] image through PIL, returned as the uint8
+    [H, W, 3] bytes PIL holds (batches become channels-first on the device: no transpose back here)."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.transforms import v2
+
+        self.augment = v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        planes = [Image.fromarray(plane) for plane in image.numpy()]  # interleaved by PIL, no torch transpose
+        return torch.from_numpy(np.array(self.augment(Image.merge("RGB", planes))))
+
+
+def channels_last_bytes(image: torch.Tensor) -> torch.Tensor:
+    """uint8 [3, H, W] as contiguous [H, W, 3]."""
+    return image.permute(1, 2, 0).contiguous()
+
+
+def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
+    """ImageFolder's uint8 [N, H, W, 3] batches as float32 [N, 3, H, W] (channels-last in memory)
+    normalised with the reference's mean and std, where they are: on the GPU, after copying a quarter
+    of the bytes float32 would take. Other batches are returned as they are."""
+    if images.dtype != torch.uint8:
+        return images
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).mul_(255).view(-1, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).mul_(255).view(-1, 1, 1)
+    return images.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
 
 
 def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
@@ -121,10 +175,11 @@ def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
     for split in ("train", "val"):
         _require_folder(os.path.join(root, split), f"ImageFolder needs {split}/ under {root!r}")
     augment, plain = imagenet_transforms(image_size)
-    splits = {"train": datasets.ImageFolder(os.path.join(root, "train"), augment),
-              "val": datasets.ImageFolder(os.path.join(root, "val"), plain)}
+    splits = {"train": datasets.ImageFolder(os.path.join(root, "train"), augment, loader=decode_rgb),
+              "val": datasets.ImageFolder(os.path.join(root, "val"), plain, loader=decode_rgb)}
     test_root = os.path.join(root, "test")
-    splits["test"] = datasets.ImageFolder(test_root, plain) if os.path.isdir(test_root) else splits["val"]
+    splits["test"] = (datasets.ImageFolder(test_root, plain, loader=decode_rgb) if os.path.isdir(test_root)
+                      else splits["val"])
     return splits
 
 

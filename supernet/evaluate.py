@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
 from .config import CommandLineParser, TrainConfig, error_line
-from .data import load_splits, num_classes
+from .data import load_splits, normalize_on_device, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
 from .space import ArchConfig, SearchSpace, get_space, load_arch
@@ -37,7 +37,8 @@ def positive_int(text: str) -> int:
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool = False):
-    images = images.to(device, non_blocking=True)
+    """A batch on the device, ImageFolder's uint8 images normalised there."""
+    images = normalize_on_device(images.to(device, non_blocking=True))
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, labels.to(device, non_blocking=True)
@@ -94,7 +95,8 @@ class TrainedSupernet:
         subnet = extract(self.model, arch)
         batches = calibration_loader(self.splits["train"], self.config.batch_size, self.config.seed,
                                      self.config.workers)
-        recalibrate_bn(subnet, (images for images, _ in batches), -(-calib_images // self.config.batch_size))
+        recalibrate_bn(subnet, (normalize_on_device(images) for images, _ in batches),
+                       -(-calib_images // self.config.batch_size))
         return subnet.eval()
 
     def evaluate(self, arch: ArchConfig, split: str = "val", calib_images: int = EVAL_CALIB_IMAGES) -> Dict[str, object]:

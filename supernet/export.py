@@ -18,6 +18,7 @@ from .checkpoint import atomic_write
 from .cli import add_arch_or_width, arch_or_width
 from .config import CommandLineParser, error_line
 from .evaluate import EVAL_CALIB_IMAGES, TrainedSupernet, classification_metrics, positive_int
+from .data import normalize_on_device
 from .flops import flops_and_params
 
 
@@ -26,7 +27,7 @@ def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = 
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a folder")
     subnet = trained.calibrated_subnet(arch, calib_images)
-    example = trained.splits["train"][0][0].unsqueeze(0).repeat(2, 1, 1, 1)
+    example = normalize_on_device(trained.splits["train"][0][0].unsqueeze(0).repeat(2, 1, 1, 1))
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(subnet, (example,), dynamic_shapes=({0: batch},))
     flops, params = flops_and_params(trained.space, arch)

@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from . import models
 from .calibration import recalibrate_bn
 from .config import CommandLineParser, error_line
-from .data import DATASETS, load_splits, num_classes
+from .data import DATASETS, load_splits, normalize_on_device, num_classes
 from .evaluate import classification_metrics
 
 
@@ -74,12 +74,12 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float, weight_decay: 
     model.train()
     for _ in range(epochs):
         for images, labels in loader:
-            F.cross_entropy(model(images), torch.as_tensor(labels), label_smoothing=0.1).backward()
+            F.cross_entropy(model(normalize_on_device(images)), torch.as_tensor(labels), label_smoothing=0.1).backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     # BN statistics of the final weights (a short fine-tuning's running averages lag behind them)
-    recalibrate_bn(model, (images for images, _ in loader), CALIBRATION_BATCHES)
+    recalibrate_bn(model, (normalize_on_device(images) for images, _ in loader), CALIBRATION_BATCHES)
     return model.eval()
 
 

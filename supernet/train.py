@@ -327,7 +327,8 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
     epoch, offset = divmod(run.step, run.steps_per_epoch)
     run.sampler.set_epoch(epoch)
     order = list(run.sampler)[offset * config.batch_size: run.steps_per_epoch * config.batch_size]
-    loader = DataLoader(Subset(run.splits["train"], order), batch_size=config.batch_size, num_workers=config.workers)
+    loader = DataLoader(Subset(run.splits["train"], order), batch_size=config.batch_size, num_workers=config.workers,
+                        pin_memory=runtime.device.type == "cuda")  # pinned: the copy to the GPU does not block
     progress = _progress(runtime, loader, epoch, config.epochs, offset, run.steps_per_epoch)
     sums = run.epoch_sums or {"ce": 0.0, "kd": 0.0, "steps": 0, "seconds": 0.0}
     run.epoch_sums = sums

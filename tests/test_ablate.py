@@ -125,3 +125,17 @@ def test_bad_command_lines_are_one_line_errors_before_anything_is_created(tmp_pa
         assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
         assert len(done.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_more_seeds_extend_an_ablation_folder_and_a_different_grid_is_refused(tmp_path):
+    out = str(tmp_path / "ablation")
+    first = ablate.make_plan("ablation", {"kd": ["none", "kl"]}, [0], {}, None, False)
+    ablate.open_folder(out, first)
+    more_seeds = ablate.make_plan("ablation", {"kd": ["none", "kl"]}, [0, 1, 2], {}, None, False)
+    ablate.open_folder(out, more_seeds)  # the same ablation, extended
+    assert json.load(open(os.path.join(out, "plan.json")))["seeds"] == [0, 1, 2]
+    assert first.default_folder() == more_seeds.default_folder()
+    other = ablate.make_plan("ablation", {"kd": ["none", "adaptive"]}, [0], {}, None, False)
+    with pytest.raises(ValueError, match="different ablation"):
+        ablate.open_folder(out, other)
+    assert other.default_folder() != first.default_folder()

@@ -255,7 +255,9 @@ def test_imagefolder_loads_train_val_and_falls_back_to_val_for_test(tmp_path):
                 Image.new("RGB", (40, 30), (index * 40, 100, 200)).save(tmp_path / "images" / split / label / f"{index}.png")
     splits = load_splits("imagefolder", str(tmp_path / "images"), 32)
     assert num_classes("imagefolder", splits) == 2 and splits["test"] is splits["val"]
-    assert splits["train"][0][0].shape == (3, 32, 32) and splits["val"][5][1] == 1
+    # uint8 bytes, channels last; normalised into [N, 3, H, W] float32 on the device (to_device)
+    assert splits["train"][0][0].shape == (32, 32, 3) and splits["val"][5][1] == 1
+    assert splits["train"][0][0].dtype == torch.uint8
     with pytest.raises(FileNotFoundError, match="val/"):
         (tmp_path / "broken" / "train").mkdir(parents=True)
         load_splits("imagefolder", str(tmp_path / "broken"), 32)

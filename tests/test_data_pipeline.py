@@ -1,0 +1,90 @@
+"""The ImageNet input pipeline: torchvision decode + transforms v2 on uint8, against the reference's PIL
+pipeline; and `python -m benchmarks --suite data`."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("torchvision")
+from PIL import Image  # noqa: E402
+from torchvision import transforms  # noqa: E402
+
+from benchmarks import data_pipeline, run  # noqa: E402
+from supernet.data import (IMAGENET_MEAN, IMAGENET_STD, decode_rgb, imagefolder_splits, imagenet_transforms,  # noqa: E402
+                           normalize_on_device)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jpegs")
+    return data_pipeline.make_jpeg_folder(str(root), 64)
+
+
+def first_file(folder):
+    import os
+
+    for directory, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            return os.path.join(directory, name)
+
+
+def test_decode_matches_pil_and_reads_other_formats(jpeg_folder, tmp_path):
+    path = first_file(jpeg_folder)
+    decoded = decode_rgb(path)
+    with Image.open(path) as image:
+        reference = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+    assert decoded.dtype == torch.uint8 and decoded.shape == reference.shape
+    assert (decoded.int() - reference.int()).abs().max() <= 2  # two libjpeg builds may round an IDCT apart
+    bmp = tmp_path / "image.bmp"
+    Image.fromarray(reference.permute(1, 2, 0).numpy()).save(bmp)  # not a torchvision format: PIL fallback
+    assert torch.equal(decode_rgb(str(bmp)), reference)
+
+
+def test_evaluation_transform_follows_the_reference(jpeg_folder):
+    path = first_file(jpeg_folder)
+    batch = imagenet_transforms(224)[1](decode_rgb(path)).unsqueeze(0)
+    assert batch.dtype == torch.uint8 and batch.shape == (1, 224, 224, 3)  # the bytes, channels last
+    ours = normalize_on_device(batch)[0]
+    bicubic = transforms.InterpolationMode.BICUBIC
+    reference = transforms.Compose([transforms.Resize(256, interpolation=bicubic), transforms.CenterCrop(224),
+                                    transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    with Image.open(path) as image:
+        expected = reference(image.convert("RGB"))
+    assert ours.dtype == torch.float32 and ours.shape == expected.shape == (3, 224, 224)
+    # torch's bicubic (a = -0.75, antialiased on uint8) and PIL's (a = -0.5) differ by a few grey levels
+    assert (ours - expected).abs().mean() < 0.05
+
+
+def test_training_split_gives_uint8_crops_normalised_on_the_device(jpeg_folder):
+    import os
+    import shutil
+
+    root = os.path.dirname(jpeg_folder)
+    if not os.path.isdir(os.path.join(root, "val")):
+        shutil.copytree(jpeg_folder, os.path.join(root, "val"))
+    splits = imagefolder_splits(root, 224)
+    image, label = splits["train"][0]
+    assert image.shape == (224, 224, 3) and image.dtype == torch.uint8 and label in (0, 1)
+    batch = normalize_on_device(torch.stack([image, splits["train"][1][0]]))
+    assert batch.shape == (2, 3, 224, 224) and batch.dtype == torch.float32
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    assert torch.allclose(batch[0], (image.permute(2, 0, 1).float() / 255 - mean) / std, atol=1e-5)
+
+
+def test_data_suite_prints_the_comparison_line(jpeg_folder, tmp_path, capsys, monkeypatch):
+    import os
+
+    monkeypatch.setattr(data_pipeline, "WORKERS", (0, 2))
+    rows = run.main(["--suite", "data", "--data-images", "64", "--data-root", os.path.dirname(jpeg_folder),
+                     "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "data pipeline: " in printed and "reference pipeline: " in printed and "(2 workers)" in printed
+    assert {(row["pipeline"], row["workers"]) for row in rows} == {(p, w) for p in ("pipeline", "reference")
+                                                                   for w in (0, 2)}
+    assert all(row["images_per_s"] > 0 and row["min"] <= row["images_per_s"] <= row["max"] for row in rows)
+    assert json.load(open(tmp_path / "out" / "results.json"))["summary"].startswith("data pipeline: ")
