@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from alphadiv_kernels import fused_adaptive_kd
@@ -38,7 +39,7 @@ from .calibration import recalibrate_bn
 from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, overrides, resolve_config,
                      save_yaml, to_dict)
 from .data import load_splits, num_classes
-from .evaluate import calibration_loader, classification_metrics, to_device
+from .evaluate import calibration_loader, classification_metrics, positive_int, to_device
 from .flops import flops_and_params
 from .model import ElasticSupernet
 from .report import plot_curves, summary_lines, width_table_lines, write_width_table
@@ -109,17 +110,20 @@ def sandwich_backward(model: ElasticSupernet, images: torch.Tensor, labels: torc
     """Backward of the max subnet on labels (regularised) and of each subnet distilled from it
     (unregularised); grads accumulate."""
     space = model.space
-    with autocast():
+    with record_function("forward"), autocast():
         logits = model(images, space.max_config(), regularize=True)
         ce = F.cross_entropy(logits.float(), labels, label_smoothing=config.label_smoothing)
-    scaler.scale(ce).backward()
+    with record_function("backward"):
+        scaler.scale(ce).backward()
     teacher = logits.detach()
     kd_losses = []
     for subnet in subnets + [space.min_config()]:
-        with autocast():
-            student = model(images, subnet)
-        kd = distillation_loss(student, teacher, labels, config)
-        scaler.scale(kd).backward()
+        with record_function("forward"):
+            with autocast():
+                student = model(images, subnet)
+            kd = distillation_loss(student, teacher, labels, config)
+        with record_function("backward"):
+            scaler.scale(kd).backward()
         kd_losses.append(kd.detach().float())
     return {"ce": ce.detach(), "kd": torch.stack(kd_losses).mean()}
 
@@ -338,21 +342,24 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
         images, labels = to_device(images, labels, runtime.device, config.channels_last)
         subnets = sample_subnets(run.space, config.seed, run.step, config.num_random_subnets)
         losses = sandwich_backward(run.model, images, labels, subnets, config, run.autocast, run.scaler)
-        flat = all_reduce_gradients(params, runtime)
-        if config.amp == "fp16":
-            run.scaler.unscale_(run.optimizer)
-        values = {name: value.item() for name, value in losses.items()}
-        if bool(torch.isfinite(flat).all()) and all(math.isfinite(v) for v in values.values()):
-            if config.grad_clip_value > 0:
-                torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
-            run.scaler.step(run.optimizer)
-            run.nonfinite_in_a_row = 0
-        else:  # skip the update; all processes see the same reduced gradients, so all skip
-            run.skipped += 1
-            run.nonfinite_in_a_row += 1
-        run.scaler.update()
-        run.schedule.step()
-        run.optimizer.zero_grad(set_to_none=True)
+        with record_function("all_reduce"):
+            flat = all_reduce_gradients(params, runtime)
+        with record_function("logging"):  # reading the losses is the step's host sync
+            values = {name: value.item() for name, value in losses.items()}
+        with record_function("optimizer"):
+            if config.amp == "fp16":
+                run.scaler.unscale_(run.optimizer)
+            if bool(torch.isfinite(flat).all()) and all(math.isfinite(v) for v in values.values()):
+                if config.grad_clip_value > 0:
+                    torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
+                run.scaler.step(run.optimizer)
+                run.nonfinite_in_a_row = 0
+            else:  # skip the update; all processes see the same reduced gradients, so all skip
+                run.skipped += 1
+                run.nonfinite_in_a_row += 1
+            run.scaler.update()
+            run.schedule.step()
+            run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
         sums["ce"] += values["ce"]
         sums["kd"] += values["kd"]
@@ -364,9 +371,10 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
             raise NonFiniteLossError(f"{run.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
                                      f"(last at step {run.step}); stopping: {kept}")
         if runtime.is_main:
-            runlog.append_step(run.out, {"step": run.step, **values, "lr": run.schedule.get_last_lr()[0]})
-            if hasattr(progress, "set_postfix"):
-                progress.set_postfix(ce=f"{values['ce']:.3f}", kd=f"{values['kd']:.4f}")
+            with record_function("logging"):
+                runlog.append_step(run.out, {"step": run.step, **values, "lr": run.schedule.get_last_lr()[0]})
+                if hasattr(progress, "set_postfix"):
+                    progress.set_postfix(ce=f"{values['ce']:.3f}", kd=f"{values['kd']:.4f}")
         end_of_epoch = run.step % run.steps_per_epoch == 0
         if stop_requested() or (stop_at_step is not None and run.step >= stop_at_step):
             if not end_of_epoch:  # an epoch end is saved after its evaluation
@@ -470,6 +478,48 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
         return finish(run)
 
 
+PROFILE_PHASES = {"data wait": "enumerate(DataLoader)", "forward": "forward", "backward": "backward",
+                  "all-reduce": "all_reduce", "optimizer": "optimizer", "logging (host sync)": "logging"}
+
+
+def profile_training(config: TrainConfig, steps: int, resume: Optional[str] = None,
+                     runtime: Optional[Runtime] = None) -> Dict[str, float]:
+    """Train `steps` steps under torch.profiler, print where a step's time goes and write the trace
+    (`profile_trace.json`, for chrome://tracing or Perfetto) to the run folder. The run stops with a
+    checkpoint, so `alphanet train --resume` continues it. Returns milliseconds per step by phase."""
+    from torch.profiler import ProfilerActivity, profile
+
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler library's own chatter (e.g. "no GPU") off
+    runtime = runtime or setup_runtime()
+    run = setup(config, resume, runtime)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    first, target = run.step, min(run.total_steps, run.step + steps)
+    run.model.train()
+    with profile(activities=activities) as profiler:
+        began = time.perf_counter()
+        while run.step < target:
+            train_epoch(run, target, lambda: False)
+            if run.step % run.steps_per_epoch == 0 and run.epoch_sums:
+                end_epoch(run)
+        total_ms = (time.perf_counter() - began) * 1e3
+    done = max(1, run.step - first)
+    phases = dict.fromkeys(PROFILE_PHASES, 0.0)
+    for event in profiler.key_averages():
+        for phase, label in PROFILE_PHASES.items():
+            if event.key == label or (label.startswith("enumerate") and event.key.startswith(label)):
+                phases[phase] += event.cpu_time_total / 1e3 / done
+    phases["other"] = max(0.0, total_ms / done - sum(phases.values()))
+    if runtime.is_main:
+        trace = os.path.join(run.out, "profile_trace.json")
+        profiler.export_chrome_trace(trace)
+        lines = [f"profile of steps {first + 1}-{run.step} on {runtime.device.type} ({runtime.world} process(es)): "
+                 f"{total_ms / done:.1f} ms per step (wall clock, host side)"]
+        lines += [f"  {phase:<20} {ms:9.2f} ms  {100 * ms / (total_ms / done):5.1f}%" for phase, ms in phases.items()]
+        lines += [f"trace: {trace}", f"continue the run with: alphanet train --resume {run.out}"]
+        print("\n".join(lines), flush=True)
+    return phases
+
+
 def _progress(runtime: Runtime, loader, epoch: int, epochs: int, done: int, total: int):
     if not runtime.is_main:
         return loader
@@ -486,6 +536,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="named preset: digits (default), imagenet, slim-digits, slim-imagenet or ablation")
     parser.add_argument("--config", default=None, help="YAML file of config keys")
     parser.add_argument("--resume", default=None, help="checkpoint (or run folder) to continue from")
+    parser.add_argument("--profile", type=positive_int, default=None, metavar="N",
+                        help="profile N steps with torch.profiler: print the split of a step (data wait, forward, "
+                             "backward, all-reduce, optimizer, logging) and write the trace, then stop")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
 
@@ -495,7 +548,10 @@ def main(argv: Optional[List[str]] = None) -> None:
             config = ckpt.config_for_resume(args.resume, given)
         else:
             config = resolve_config(args.preset, args.config, given)
-        run_training(config, resume=args.resume)
+        if args.profile:
+            profile_training(config, args.profile, resume=args.resume)
+        else:
+            run_training(config, resume=args.resume)
 
     run_command("alphanet train", run)
 

@@ -261,3 +261,18 @@ def test_imagefolder_loads_train_val_and_falls_back_to_val_for_test(tmp_path):
     with pytest.raises(FileNotFoundError, match="val/"):
         (tmp_path / "broken" / "train").mkdir(parents=True)
         load_splits("imagefolder", str(tmp_path / "broken"), 32)
+
+
+def test_profile_prints_the_split_of_a_step_and_writes_the_trace(tmp_path, capsys):
+    out = tmp_path / "profiled"
+    train.main(["--profile", "3", "--epochs", "2", "--batch_size", "128", "--num_random_subnets", "1",
+                "--calib_images", "256", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "profile of steps 1-3 on cpu" in printed
+    rows = {line.split("  ")[1].strip(): line for line in printed.splitlines() if line.startswith("  ")}
+    for phase in ("data wait", "forward", "backward", "all-reduce", "optimizer", "logging (host sync)", "other"):
+        assert any(key.startswith(phase) for key in rows), phase
+    forward = float(next(line for key, line in rows.items() if key.startswith("forward")).split()[1])
+    assert forward > 0
+    assert json.load(open(out / "profile_trace.json"))["traceEvents"]
+    assert len(step_losses(out)) == 3 and os.path.exists(out / "checkpoint.pt")  # stopped with a checkpoint
