@@ -15,6 +15,7 @@ import random
 from typing import Callable, Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -47,25 +48,38 @@ def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, 
 @torch.no_grad()
 def classification_metrics(forward: Callable[[torch.Tensor], torch.Tensor], loader: DataLoader,
                            device: torch.device, autocast=contextlib.nullcontext,
-                           channels_last: bool = False) -> Dict[str, float]:
-    """Top-1 and top-5 accuracy (%) and mean cross-entropy of `forward` over the loader."""
-    top1 = top5 = total = 0
-    loss = 0.0
+                           channels_last: bool = False, all_reduce: bool = False) -> Dict[str, float]:
+    """Top-1 and top-5 accuracy (%) and mean cross-entropy of `forward` over the loader; with
+    `all_reduce`, over the union of every process's loader (counts summed in one all-reduce)."""
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
         with autocast():
             logits = forward(images).float()
-        loss += F.cross_entropy(logits, labels, reduction="sum").item()
         best = logits.topk(min(5, logits.size(-1)), dim=-1).indices
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels[:, None]).any(-1).sum().item()
-        total += labels.numel()
+        sums += torch.stack([(best[:, 0] == labels).sum(), (best == labels[:, None]).any(-1).sum(),
+                             F.cross_entropy(logits, labels, reduction="sum"),
+                             torch.tensor(labels.numel(), device=device)]).double()
+    if all_reduce and dist.is_initialized():
+        dist.all_reduce(sums)
+    top1, top5, loss, total = sums.tolist()  # the one read-back to the host
     return {"top1": 100.0 * top1 / total, "top5": 100.0 * top5 / total, "loss": loss / total}
 
 
-def calibration_loader(train_split: Dataset, batch_size: int, seed: int, workers: int = 0) -> DataLoader:
-    """Training images in one fixed shuffled order: every calibration sees the same batches."""
+def shard(dataset: Dataset, rank: int, world: int) -> Dataset:
+    """Every `world`-th image from `rank`: the shards cover the dataset once (sizes may differ by one)."""
+    return dataset if world == 1 else Subset(dataset, range(rank, len(dataset), world))
+
+
+def calibration_loader(train_split: Dataset, batch_size: int, seed: int, workers: int = 0, rank: int = 0,
+                       world: int = 1, num_batches: Optional[int] = None) -> DataLoader:
+    """Training images in one fixed shuffled order: every calibration sees the same batches. With
+    `world` > 1, this process's share of the first `num_batches` batches: batch i goes to process
+    i % world (combine with `share_bn_statistics`)."""
     order = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed)).tolist()
+    if world > 1:
+        batches = range(rank, num_batches if num_batches is not None else -(-len(order) // batch_size), world)
+        order = [index for batch in batches for index in order[batch * batch_size:(batch + 1) * batch_size]]
     return DataLoader(Subset(train_split, order), batch_size=batch_size, num_workers=workers)
 
 

@@ -35,11 +35,11 @@ from alphadiv_kernels import fused_adaptive_kd
 
 from . import checkpoint as ckpt
 from . import runlog
-from .calibration import recalibrate_bn
+from .calibration import recalibrate_bn, share_bn_statistics
 from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, overrides, resolve_config,
                      save_yaml, to_dict)
 from .data import load_splits, num_classes
-from .evaluate import calibration_loader, classification_metrics, positive_int, to_device
+from .evaluate import calibration_loader, classification_metrics, positive_int, shard, to_device
 from .flops import flops_and_params
 from .model import ElasticSupernet
 from .report import plot_curves, summary_lines, width_table_lines, write_width_table
@@ -386,23 +386,35 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
 
 def calibrated_accuracy(run: Run, loader: DataLoader, subnet: ArchConfig) -> Dict[str, float]:
     """BN-recalibrate the supernet for one subnet, then evaluate it (the supernet's BN statistics
-    are left as that subnet's; training uses batch statistics)."""
+    are left as that subnet's; training uses batch statistics). Every process calibrates on its share
+    of the calibration batches and evaluates its shard of `loader` (see `evaluation_loader`); the
+    statistics and counts are combined, so all processes get what one process computing all of it
+    would."""
     config, runtime, model = run.config, run.runtime, run.model
-    calib_loader = calibration_loader(run.splits["train"], config.batch_size, config.seed, config.workers)
+    count = calibration_batches(config)
+    calib_loader = calibration_loader(run.splits["train"], config.batch_size, config.seed, config.workers,
+                                      runtime.rank, runtime.world, count)
     batches = (to_device(images, labels, runtime.device, config.channels_last)[0] for images, labels in calib_loader)
     with run.autocast():
-        recalibrate_bn(model, batches, calibration_batches(config), forward=lambda x: model(x, subnet))
+        used = recalibrate_bn(model, batches, count, forward=lambda x: model(x, subnet), allow_empty=True)
+    share_bn_statistics(model, used)
     model.eval()
     try:
         return classification_metrics(lambda x: model(x, subnet), loader, runtime.device, run.autocast,
-                                      config.channels_last)
+                                      config.channels_last, all_reduce=True)
     finally:
         model.train()
 
 
+def evaluation_loader(run: Run, split: str) -> DataLoader:
+    """This process's shard of an evaluation split."""
+    return DataLoader(shard(run.splits[split], run.runtime.rank, run.runtime.world),
+                      batch_size=run.config.eval_batch_size, num_workers=run.config.workers)
+
+
 def evaluate_widths(run: Run, split: str, widths: List[float]) -> List[Dict[str, float]]:
     """Calibrated top-1 of a slimmable supernet at each width, with its MFLOPs and parameters."""
-    loader = DataLoader(run.splits[split], batch_size=run.config.eval_batch_size, num_workers=run.config.workers)
+    loader = evaluation_loader(run, split)
     rows = []
     for width in widths:
         arch = run.space.width_config(width)
@@ -413,7 +425,7 @@ def evaluate_widths(run: Run, split: str, widths: List[float]) -> List[Dict[str,
 
 
 def evaluate_min_max(run: Run, split: str) -> Dict[str, float]:
-    loader = DataLoader(run.splits[split], batch_size=run.config.eval_batch_size, num_workers=run.config.workers)
+    loader = evaluation_loader(run, split)
     return {name: calibrated_accuracy(run, loader, subnet)["top1"]
             for name, subnet in (("max", run.space.max_config()), ("min", run.space.min_config()))}
 
@@ -424,10 +436,10 @@ def end_epoch(run: Run) -> None:
     record = {"epoch": run.step // run.steps_per_epoch, "step": run.step, "lr": run.schedule.get_last_lr()[0],
               "train_ce": sums["ce"] / sums["steps"], "train_kd": sums["kd"] / sums["steps"],
               "skipped_steps": run.skipped, "seconds": sums["seconds"]}
+    accuracy = evaluate_min_max(run, "val")  # every process takes a share
+    record.update(val_top1_max=accuracy["max"], val_top1_min=accuracy["min"])
+    run.history.append(record)
     if run.runtime.is_main:
-        accuracy = evaluate_min_max(run, "val")
-        record.update(val_top1_max=accuracy["max"], val_top1_min=accuracy["min"])
-        run.history.append(record)
         runlog.append_epoch(run.out, record)
         print0(run.runtime, "epoch {epoch}: ce {train_ce:.3f} kd {train_kd:.4f} val top-1 max {val_top1_max:.1f}% "
                             "min {val_top1_min:.1f}%".format(**record))
@@ -437,13 +449,13 @@ def end_epoch(run: Run) -> None:
 
 def finish(run: Run) -> Dict[str, object]:
     summary: Dict[str, object] = {"step": run.step, "skipped_steps": run.skipped}
+    accuracy = evaluate_min_max(run, "test")  # every process takes a share
+    summary.update(test_top1_max=accuracy["max"], test_top1_min=accuracy["min"])
+    rows = evaluate_widths(run, "test", run.space.width_grid()) if run.space.width_range else None
     if run.runtime.is_main:
-        accuracy = evaluate_min_max(run, "test")
-        summary.update(test_top1_max=accuracy["max"], test_top1_min=accuracy["min"])
         plot_curves(run.history, os.path.join(run.out, "curves.png"))
         lines = summary_lines(summary, run.out)
-        if run.space.width_range:  # slimmable: the paper's Table 1 row, one width per line
-            rows = evaluate_widths(run, "test", run.space.width_grid())
+        if rows:  # slimmable: the paper's Table 1 row, one width per line
             summary["widths"] = rows
             write_width_table(rows, os.path.join(run.out, "widths"), f"{run.space.name} on {run.config.dataset}")
             lines += ["", *width_table_lines(rows, "test"),

@@ -196,6 +196,52 @@ def test_two_gloo_processes_sample_the_same_subnets_and_average_gradients_in_one
     assert not torch.equal(results[0]["mean_of_locals"], torch.zeros_like(results[0]["mean_of_locals"]))
 
 
+def _calibrated_evaluation(rank: int, world: int):
+    """calibrated_accuracy of one subnet of a fixed supernet, and its BN statistics afterwards."""
+    import contextlib
+    import random
+    from types import SimpleNamespace
+
+    from supernet.data import digits_splits
+    from supernet.model import ElasticSupernet
+    from supernet.space import DIGITS
+
+    torch.set_num_threads(1)
+    config = resolve_config("digits", overrides={"calib_images": "200", "batch_size": "32", "eval_batch_size": "50"})
+    torch.manual_seed(0)
+    model = ElasticSupernet(DIGITS)
+    run = SimpleNamespace(config=config, runtime=train.Runtime(rank, world, torch.device("cpu")), model=model,
+                          splits=digits_splits(), autocast=contextlib.nullcontext)
+    subnet = DIGITS.random_config(random.Random(3))
+    metrics = train.calibrated_accuracy(run, train.evaluation_loader(run, "val"), subnet)
+    statistics = {name: buffer.clone() for name, buffer in model.named_buffers() if "running" in name}
+    return metrics, statistics, len(train.evaluation_loader(run, "val").dataset)
+
+
+def _evaluation_worker(rank: int, world: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results[rank] = _calibrated_evaluation(rank, world)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_processes_calibrate_and_evaluate_as_one_process():
+    single_metrics, single_statistics, _ = _calibrated_evaluation(0, 1)
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_evaluation_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+    assert results[0][2] + results[1][2] == 179 and results[0][2] != 179  # each evaluated its own shard
+    for rank in (0, 1):
+        metrics, statistics, _ = results[rank]
+        assert metrics["top1"] == single_metrics["top1"] and metrics["top5"] == single_metrics["top5"]
+        assert metrics["loss"] == pytest.approx(single_metrics["loss"], rel=1e-6)
+        for name, expected in single_statistics.items():  # 7 calibration batches: 4 on rank 0, 3 on rank 1
+            torch.testing.assert_close(statistics[name], expected, rtol=1e-5, atol=1e-6)
+    assert any(not torch.all(t == 0) for name, t in single_statistics.items() if "mean" in name)
+
+
 def test_torchrun_two_processes_end_to_end(tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
