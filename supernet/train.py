@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from torch.profiler import record_function
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler
 
 from alphadiv_kernels import fused_adaptive_kd
 
@@ -239,6 +239,27 @@ def make_autocast(config: TrainConfig, runtime: Runtime):
 # The run: setup, one epoch at a time, evaluation, finish
 
 
+class EpochOrder(torch.utils.data.Sampler):
+    """The training images of an epoch from a given step on: the DistributedSampler's order of the epoch
+    (the same on a resumed run), cut to whole batches. `start(epoch, offset)` sets it before each pass
+    of the run's one DataLoader, whose persistent workers then serve every epoch (pinned batches on a
+    GPU, two batches prefetched per worker)."""
+
+    def __init__(self, sampler: DistributedSampler, batch_size: int, steps_per_epoch: int):
+        self.sampler, self.batch_size, self.steps_per_epoch = sampler, batch_size, steps_per_epoch
+        self.indices: List[int] = []
+
+    def start(self, epoch: int, offset: int) -> None:
+        self.sampler.set_epoch(epoch)
+        self.indices = list(self.sampler)[offset * self.batch_size: self.steps_per_epoch * self.batch_size]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
 @dataclasses.dataclass
 class Run:
     """Everything one training run holds; `save` writes what `setup` needs to continue it exactly."""
@@ -252,7 +273,8 @@ class Run:
     schedule: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     autocast: object
-    sampler: DistributedSampler
+    order: "EpochOrder"
+    loader: DataLoader  # one for the whole run: workers persist across epochs
     steps_per_epoch: int
     step: int = 0
     history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
@@ -295,6 +317,9 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
     sampler = DistributedSampler(splits["train"], runtime.world, runtime.rank, shuffle=True, seed=config.seed,
                                  drop_last=True)
     steps_per_epoch = len(sampler) // config.batch_size
+    order = EpochOrder(sampler, config.batch_size, steps_per_epoch)
+    loader = DataLoader(splits["train"], batch_size=config.batch_size, sampler=order, num_workers=config.workers,
+                        persistent_workers=config.workers > 0, pin_memory=runtime.device.type == "cuda")
     if steps_per_epoch == 0:
         raise ValueError(f"config key 'batch_size' ({config.batch_size}) exceeds the {len(sampler)} training "
                          "images per process")
@@ -306,7 +331,7 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
     optimizer = make_optimizer(model, config, config.batch_size * runtime.world)
     run = Run(config, runtime, space, splits, model, optimizer, make_schedule(optimizer, config, steps_per_epoch),
               torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16", init_scale=2.0**10),
-              autocast, sampler, steps_per_epoch)
+              autocast, order, loader, steps_per_epoch)
     if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -329,11 +354,8 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
     checkpoint keeps, so a resumed epoch reports the whole epoch."""
     config, runtime, params = run.config, run.runtime, [p for p in run.model.parameters() if p.requires_grad]
     epoch, offset = divmod(run.step, run.steps_per_epoch)
-    run.sampler.set_epoch(epoch)
-    order = list(run.sampler)[offset * config.batch_size: run.steps_per_epoch * config.batch_size]
-    loader = DataLoader(Subset(run.splits["train"], order), batch_size=config.batch_size, num_workers=config.workers,
-                        pin_memory=runtime.device.type == "cuda")  # pinned: the copy to the GPU does not block
-    progress = _progress(runtime, loader, epoch, config.epochs, offset, run.steps_per_epoch)
+    run.order.start(epoch, offset)
+    progress = _progress(runtime, run.loader, epoch, config.epochs, offset, run.steps_per_epoch)
     sums = run.epoch_sums or {"ce": 0.0, "kd": 0.0, "steps": 0, "seconds": 0.0}
     run.epoch_sums = sums
     started = time.time() - sums["seconds"]

@@ -76,10 +76,12 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path):
 
 # -- checkpoints and resume -------------------------------------------------------------------
 
-def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-persistent-workers"])
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_path, workers):
     straight = small_config(tmp_path, "straight")
     train.run_training(straight)
-    interrupted = small_config(tmp_path, "interrupted")
+    # the interrupted run loads with worker processes (one DataLoader kept across epochs): same batches
+    interrupted = small_config(tmp_path, "interrupted", workers=str(workers))
     assert train.run_training(interrupted, stop_at_step=5)["stopped"]
     train.run_training(ckpt.config_for_resume(interrupted.out), resume=interrupted.out)
     expected, resumed = step_losses(straight.out), step_losses(interrupted.out)
