@@ -36,8 +36,8 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .checkpoint import atomic_write
-from .config import (CommandLineParser, add_config_arguments, error_line, field_types, overrides, resolve_config,
-                     to_dict)
+from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, field_types, overrides,
+                     resolve_config, to_dict)
 
 BASELINE = {"kd": "kl"}
 PAIR_KEYS = {"alphas": ("alpha_min", "alpha_max")}
@@ -54,7 +54,7 @@ Point = Tuple[Tuple[str, str], ...]  # ((grid key, value as written), ...)
 def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
     """`KEY=V1,V2 ...` into {key: [values]}: train config keys, their aliases, or `alphas=MIN:MAX,...`."""
     grid: Dict[str, List[str]] = {}
-    known = field_types_of_train()
+    known = field_types(TrainConfig)
     for item in items:
         key, sep, values = item.partition("=")
         key = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
@@ -71,12 +71,6 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
         if key in PAIR_KEYS and any(len(value.split(":")) != 2 for value in grid[key]):
             raise ValueError(f"--grid {item!r}: each {key} value is MIN:MAX, e.g. -1:1")
     return grid
-
-
-def field_types_of_train() -> Dict[str, type]:
-    from .config import TrainConfig
-
-    return field_types(TrainConfig)
 
 
 def config_values(point: Point) -> Dict[str, str]:

@@ -8,6 +8,7 @@ import io
 import os
 import random
 import tempfile
+import time
 from typing import Callable, Dict, Optional, Union
 
 import torch
@@ -48,6 +49,17 @@ def remove_stale_temporaries(folder: str) -> None:
 def checkpoint_path(path: str) -> str:
     """A checkpoint file, or a run folder holding checkpoint.pt."""
     return os.path.join(path, "checkpoint.pt") if os.path.isdir(path) else path
+
+
+def run_folder(out: str, resume: Optional[str], default_name: str) -> str:
+    """The run's folder: the resumed checkpoint's, else `out`, else runs/<default_name>-<time>; a file
+    in its place is a ValueError."""
+    if resume:
+        out = os.path.dirname(os.path.abspath(checkpoint_path(resume)))
+    out = out or os.path.join("runs", f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file, not a folder")
+    return out
 
 
 def save(path: str, state: Dict[str, object]) -> None:

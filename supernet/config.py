@@ -17,7 +17,7 @@ from alphadiv_kernels._constants import MAX_TEMPERATURE
 from .data import DATASETS, is_bundled
 from .space import SPACES
 
-IMAGENET_SPACES = ("alphanet", "slim_mbv1", "slim_mbv2")
+IMAGENET_SPACES = tuple(name for name, space in SPACES.items() if min(space.resolutions) >= 192)
 
 def key(default, group: str, help: str):
     """A config key: its default, its --help group and its one line of help."""

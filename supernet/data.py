@@ -17,6 +17,7 @@ pipeline.
 """
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from typing import Dict
@@ -163,9 +164,15 @@ def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
     of the bytes float32 would take. Other batches are returned as they are."""
     if images.dtype != torch.uint8:
         return images
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device).mul_(255).view(-1, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device).mul_(255).view(-1, 1, 1)
+    mean, std = _normalization(images.device)
     return images.permute(0, 3, 1, 2).float().sub_(mean).div_(std)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalization(device: torch.device):
+    """The mean and std in 0-255 units, [3, 1, 1], made once per device (not copied there per batch)."""
+    to_tensor = lambda values: torch.tensor(values, device=device).mul_(255).view(-1, 1, 1)  # noqa: E731
+    return to_tensor(IMAGENET_MEAN), to_tensor(IMAGENET_STD)
 
 
 def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:

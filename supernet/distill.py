@@ -211,11 +211,7 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
                 runtime: Optional[Runtime] = None, role: str = "student") -> Dict[str, object]:
     runtime = runtime or setup_runtime()
     state = ckpt.load(resume) if resume else None
-    if resume:
-        config.out = os.path.dirname(os.path.abspath(ckpt.checkpoint_path(resume)))
-    config.out = config.out or os.path.join("runs", f"distill-{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(config.out) and not os.path.isdir(config.out):
-        raise ValueError(f"--out {config.out!r} is a file, not a folder")
+    config.out = ckpt.run_folder(config.out, resume, f"distill-{config.dataset}")
     splits = load_splits(config.dataset, config.data_path, config.image_size)
     classes = num_classes(config.dataset, splits)
     sampler = DistributedSampler(splits["train"], runtime.world, runtime.rank, shuffle=True, seed=config.seed,

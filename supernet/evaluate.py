@@ -51,15 +51,17 @@ def classification_metrics(forward: Callable[[torch.Tensor], torch.Tensor], load
                            channels_last: bool = False, all_reduce: bool = False) -> Dict[str, float]:
     """Top-1 and top-5 accuracy (%) and mean cross-entropy of `forward` over the loader; with
     `all_reduce`, over the union of every process's loader (counts summed in one all-reduce)."""
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1, top-5, loss, images
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # top-1, top-5, loss
+    images_seen = 0
     for images, labels in loader:
         images, labels = to_device(images, labels, device, channels_last)
         with autocast():
             logits = forward(images).float()
         best = logits.topk(min(5, logits.size(-1)), dim=-1).indices
         sums += torch.stack([(best[:, 0] == labels).sum(), (best == labels[:, None]).any(-1).sum(),
-                             F.cross_entropy(logits, labels, reduction="sum"),
-                             torch.tensor(labels.numel(), device=device)]).double()
+                             F.cross_entropy(logits, labels, reduction="sum")]).double()
+        images_seen += labels.numel()
+    sums = torch.cat([sums, sums.new_tensor([images_seen])])
     if all_reduce and dist.is_initialized():
         dist.all_reduce(sums)
     top1, top5, loss, total = sums.tolist()  # the one read-back to the host

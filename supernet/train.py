@@ -307,11 +307,7 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
     if state is not None and "optimizer" not in state:
         raise ValueError(f"{resume!r} holds supernet weights only (converted from the reference code); "
                          "it cannot be resumed, only evaluated, searched and exported")
-    if resume:
-        config.out = os.path.dirname(os.path.abspath(ckpt.checkpoint_path(resume)))
-    config.out = config.out or os.path.join("runs", f"{config.dataset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if os.path.exists(config.out) and not os.path.isdir(config.out):
-        raise ValueError(f"--out {config.out!r} is a file, not a folder")
+    config.out = ckpt.run_folder(config.out, resume, config.dataset)
     splits = load_splits(config.dataset, config.data_path, config.image_size)
     space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
     sampler = DistributedSampler(splits["train"], runtime.world, runtime.rank, shuffle=True, seed=config.seed,
