@@ -58,6 +58,8 @@ class TrainConfig:
     calib_images: int = key(512, "outputs", "training images for BN calibration before each evaluation")
     eval_batch_size: int = key(256, "outputs", "batch size of evaluation")
     checkpoint_every: int = key(0, "outputs", "steps between mid-epoch checkpoints (0: end of epoch only)")
+    log_every: int = key(20, "outputs", "steps between reads of the losses back to the host (steps.jsonl "
+                                        "still gets every step; a GPU is not made to wait every step)")
     out: str = key("", "outputs", "run folder (default runs/<dataset>-<time>)")
 
 
@@ -84,7 +86,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
 CHOICES = {"dataset": DATASETS, "space": tuple(SPACES),
            "kd": ("adaptive", "kl", "none"), "amp": ("bf16", "fp16", "off")}
 POSITIVE = ("epochs", "batch_size", "calib_images", "eval_batch_size", "max_nonfinite_steps", "image_size",
-            "lr_per_256", "kd_clip", "kd_temperature")
+            "log_every", "lr_per_256", "kd_clip", "kd_temperature")
 NON_NEGATIVE = ("num_random_subnets", "warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay",
                 "grad_clip_value", "momentum")
 FRACTIONS = ("label_smoothing", "dropout", "drop_connect", "bn_momentum")  # in [0, 1)

@@ -36,8 +36,9 @@ from .data import DATASETS, is_bundled, load_splits, num_classes
 from .calibration import recalibrate_bn
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .report import plot_curves
-from .train import (Interrupted, NonFiniteLossError, Runtime, _progress, all_reduce_gradients, lr_factor,
-                    make_autocast, make_optimizer, print0, run_command, seed_step, setup_runtime, stop_requests)
+from .train import (Interrupted, NonFiniteLossError, Runtime, StepGuard, _progress, all_reduce_gradients,
+                    load_optimizer, lr_factor, make_autocast, make_optimizer, print0, run_command, seed_step,
+                    setup_runtime, stop_requests)
 
 
 @dataclass
@@ -75,6 +76,8 @@ class DistillConfig:
                                             "evaluation (0: keep the running averages)")
     eval_batch_size: int = key(256, "outputs", "batch size of evaluation")
     checkpoint_every: int = key(0, "outputs", "steps between mid-epoch checkpoints (0: end of epoch only)")
+    log_every: int = key(20, "outputs", "steps between reads of the losses back to the host (steps.jsonl "
+                                        "still gets every step; a GPU is not made to wait every step)")
     out: str = key("", "outputs", "run folder (default runs/distill-<dataset>-<time>)")
 
 
@@ -90,7 +93,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
 def validate(config: DistillConfig) -> None:
     check_ranges(config, {"dataset": DATASETS, "kd": ("adaptive", "kl", "none"),
                           "amp": ("bf16", "fp16", "off")},
-                 positive=("epochs", "batch_size", "eval_batch_size", "max_nonfinite_steps", "image_size",
+                 positive=("epochs", "batch_size", "eval_batch_size", "max_nonfinite_steps", "image_size", "log_every",
                            "lr_per_256", "kd_clip", "teacher_epochs"),
                  non_negative=("warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay", "momentum",
                                "calib_images"),
@@ -238,7 +241,7 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
     step, history, sums, skipped = 0, [], {}, 0
     if state is not None:
         student.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         ckpt.restore_rng(state["rng"])
         step, history, sums, skipped = state["step"], state["history"], state["epoch_sums"], state["skipped"]
@@ -261,7 +264,23 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
                 "config": to_dict(config), "role": role})
 
     val_loader = DataLoader(splits["val"], batch_size=config.eval_batch_size, num_workers=config.workers)
-    in_a_row = 0
+    guard = StepGuard(config.max_nonfinite_steps, runtime.device)
+
+    def flush_steps() -> None:
+        """Log the pending steps (one host sync), add them to the epoch's sums; stop if the run diverged."""
+        nonlocal skipped
+        records = guard.flush()
+        for record in records:
+            skipped += record["skipped"]
+            for name in ("loss", "ce", "kd"):
+                sums[name] += record[name]
+            sums["steps"] += 1
+        if runtime.is_main and records:
+            runlog.append_steps(config.out, records)
+        if guard.halted_at is not None:
+            raise NonFiniteLossError(f"{guard.limit} steps in a row had a non-finite loss or gradient "
+                                     f"(last at step {guard.halted_at}); stopping")
+
     with stop_requests() as requested:
         while step < total:
             epoch, offset = divmod(step, steps_per_epoch)
@@ -284,29 +303,22 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
                 losses = distill_loss(logits, teacher_logits, labels, config)
                 losses["loss"].backward()
                 flat = all_reduce_gradients(params, runtime)
-                values = {name: value.item() for name, value in losses.items()}
-                if bool(torch.isfinite(flat).all()) and all(math.isfinite(v) for v in values.values()):
-                    optimizer.step()
-                    in_a_row = 0
-                else:
-                    skipped, in_a_row = skipped + 1, in_a_row + 1
+                optimizer.found_inf = guard.check(losses, flat, step + 1, schedule.get_last_lr()[0])
+                optimizer.step()  # a no-op where found_inf is set (see StepGuard)
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                for name in ("loss", "ce", "kd"):
-                    sums[name] += values[name]
-                sums["steps"] += 1
                 sums["seconds"] = time.time() - started
-                if in_a_row >= config.max_nonfinite_steps:
-                    raise NonFiniteLossError(f"{in_a_row} steps in a row had a non-finite loss or gradient "
-                                             f"(last at step {step}); stopping")
-                if runtime.is_main:
-                    runlog.append_step(config.out, {"step": step, **values, "lr": schedule.get_last_lr()[0]})
                 at_end = step % steps_per_epoch == 0
-                if requested or (stop_at_step is not None and step >= stop_at_step):
+                stop = requested or (stop_at_step is not None and step >= stop_at_step)
+                checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0 and not at_end
+                if at_end or stop or checkpoint or step % config.log_every == 0:
+                    flush_steps()
+                if stop:
                     break
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and not at_end:
+                if checkpoint:
                     save()
+            flush_steps()
             if step % steps_per_epoch == 0 and sums.get("steps"):
                 record = {"epoch": step // steps_per_epoch, "step": step, "lr": schedule.get_last_lr()[0],
                           **{f"train_{name}": sums[name] / sums["steps"] for name in ("loss", "ce", "kd")},

@@ -14,9 +14,9 @@ from .checkpoint import atomic_write
 STEPS, METRICS_JSONL, METRICS_CSV = "steps.jsonl", "metrics.jsonl", "metrics.csv"
 
 
-def append_step(out: str, record: Dict[str, float]) -> None:
+def append_steps(out: str, records: List[Dict[str, float]]) -> None:
     with open(os.path.join(out, STEPS), "a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        handle.write("".join(json.dumps(record) + "\n" for record in records))
 
 
 def append_epoch(out: str, record: Dict[str, float]) -> None:

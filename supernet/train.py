@@ -154,9 +154,20 @@ def make_optimizer(model: nn.Module, config: TrainConfig, global_batch: int) -> 
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]  # BN parameters and biases
     lr = config.lr_per_256 * global_batch / 256
-    return torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
-                            {"params": no_decay, "weight_decay": 0.0}],
-                           lr=lr, momentum=config.momentum, nesterov=True)
+    # fused: the step takes a skip flag on the device (`found_inf`) and then leaves weights and momentum as
+    # they were, so a non-finite step is skipped without the host reading anything
+    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": config.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=lr, momentum=config.momentum, nesterov=True, fused=True)
+    for param in model.parameters():  # zero momentum: torch's first step (buffer = gradient) exactly, and
+        optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param)  # valid if that step is skipped
+    return optimizer
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: Dict[str, object]) -> None:
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:  # checkpoints of unfused optimizers would switch the skip flag off
+        group["fused"] = True
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
@@ -180,6 +191,48 @@ def calibration_batches(config: TrainConfig) -> int:
 
 class NonFiniteLossError(RuntimeError):
     pass
+
+
+class StepGuard:
+    """The step loop's bookkeeping without a host sync per step.
+
+    `check` keeps a step's losses on the device and returns its skip flag there: 1 where a loss or the
+    reduced gradient is not finite, for the fused SGD's `found_inf` (the step then changes nothing).
+    Consecutive skips are counted on the device too; once `limit` are reached every later step is
+    skipped as well, so the weights stay those from before the run diverged until `flush` (every
+    `log_every` steps, before any checkpoint, at the end of an epoch) reads all pending steps back in
+    one copy and `halted_at` names the step at which the run must stop."""
+
+    def __init__(self, limit: int, device: torch.device):
+        self.limit = limit
+        self.in_a_row = torch.zeros((), device=device)
+        self.pending: List[torch.Tensor] = []  # per step: its losses and the count of skips in a row
+        self.steps: List[tuple] = []  # per step: what the host knows (loss names, step number, LR)
+        self.halted_at: Optional[int] = None
+
+    def check(self, losses: Dict[str, torch.Tensor], flat_grads: torch.Tensor, step: int, lr: float) -> torch.Tensor:
+        values = torch.stack([value.detach().float() for value in losses.values()])
+        finite = torch.isfinite(flat_grads).all() & torch.isfinite(values).all()
+        self.in_a_row = torch.where(finite & (self.in_a_row < self.limit), 0.0, self.in_a_row + 1)
+        self.pending.append(torch.cat([values, self.in_a_row.view(1)]))
+        self.steps.append((list(losses), step, lr))
+        return (self.in_a_row > 0).float()
+
+    def flush(self) -> List[Dict[str, float]]:
+        """The pending steps as records ({"step", the losses, "lr", "skipped"}), up to the step that
+        reached `limit` skips in a row, if one did (`halted_at` then holds it); one host sync."""
+        if not self.pending:
+            return []
+        rows = torch.stack(self.pending).tolist()  # the sync
+        records = []
+        for (names, step, lr), row in zip(self.steps, rows):
+            *values, in_a_row = row
+            if in_a_row >= self.limit:
+                self.halted_at = step
+                break
+            records.append({"step": step, **dict(zip(names, values)), "lr": lr, "skipped": in_a_row > 0})
+        self.pending, self.steps = [], []
+        return records
 
 
 class Interrupted(Exception):
@@ -280,7 +333,7 @@ class Run:
     history: List[Dict[str, float]] = dataclasses.field(default_factory=list)
     epoch_sums: Dict[str, float] = dataclasses.field(default_factory=dict)  # of the epoch under way
     skipped: int = 0
-    nonfinite_in_a_row: int = 0
+    guard: Optional[StepGuard] = None  # made by setup
 
     @property
     def out(self) -> str:
@@ -327,10 +380,10 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
     optimizer = make_optimizer(model, config, config.batch_size * runtime.world)
     run = Run(config, runtime, space, splits, model, optimizer, make_schedule(optimizer, config, steps_per_epoch),
               torch.amp.GradScaler(runtime.device.type, enabled=config.amp == "fp16", init_scale=2.0**10),
-              autocast, order, loader, steps_per_epoch)
+              autocast, order, loader, steps_per_epoch, guard=StepGuard(config.max_nonfinite_steps, runtime.device))
     if state is not None:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer(optimizer, state["optimizer"])
         run.schedule.load_state_dict(state["schedule"])
         run.scaler.load_state_dict(state["scaler"])
         ckpt.restore_rng(state["rng"])
@@ -347,14 +400,14 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
 def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
     """Train from the current step to the end of its epoch (or to `stop_at_step`, or until a stop is
     requested). The epoch's sums of losses, steps and seconds live in `run.epoch_sums`, which the
-    checkpoint keeps, so a resumed epoch reports the whole epoch."""
+    checkpoint keeps, so a resumed epoch reports the whole epoch. The host reads the losses back every
+    `log_every` steps (and before each checkpoint), not every step: see `StepGuard`."""
     config, runtime, params = run.config, run.runtime, [p for p in run.model.parameters() if p.requires_grad]
     epoch, offset = divmod(run.step, run.steps_per_epoch)
     run.order.start(epoch, offset)
     progress = _progress(runtime, run.loader, epoch, config.epochs, offset, run.steps_per_epoch)
-    sums = run.epoch_sums or {"ce": 0.0, "kd": 0.0, "steps": 0, "seconds": 0.0}
-    run.epoch_sums = sums
-    started = time.time() - sums["seconds"]
+    run.epoch_sums = run.epoch_sums or {"ce": 0.0, "kd": 0.0, "steps": 0, "seconds": 0.0}
+    started = time.time() - run.epoch_sums["seconds"]
     for images, labels in progress:
         seed_step(config.seed, runtime.rank, run.step)
         images, labels = to_device(images, labels, runtime.device, config.channels_last)
@@ -362,44 +415,51 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
         losses = sandwich_backward(run.model, images, labels, subnets, config, run.autocast, run.scaler)
         with record_function("all_reduce"):
             flat = all_reduce_gradients(params, runtime)
-        with record_function("logging"):  # reading the losses is the step's host sync
-            values = {name: value.item() for name, value in losses.items()}
         with record_function("optimizer"):
             if config.amp == "fp16":
                 run.scaler.unscale_(run.optimizer)
-            if bool(torch.isfinite(flat).all()) and all(math.isfinite(v) for v in values.values()):
-                if config.grad_clip_value > 0:
-                    torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
-                run.scaler.step(run.optimizer)
-                run.nonfinite_in_a_row = 0
-            else:  # skip the update; all processes see the same reduced gradients, so all skip
-                run.skipped += 1
-                run.nonfinite_in_a_row += 1
+            # all processes see the same reduced gradients, so all skip the same steps
+            run.optimizer.found_inf = run.guard.check(losses, flat, step=run.step + 1,
+                                                      lr=run.schedule.get_last_lr()[0])
+            if config.grad_clip_value > 0:
+                torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
+            run.optimizer.step()
             run.scaler.update()
             run.schedule.step()
             run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        sums["ce"] += values["ce"]
-        sums["kd"] += values["kd"]
-        sums["steps"] += 1
-        sums["seconds"] = time.time() - started
-        if run.nonfinite_in_a_row >= config.max_nonfinite_steps:
-            saved = os.path.join(run.out, "checkpoint.pt")
-            kept = f"the last good checkpoint is {saved}" if os.path.exists(saved) else "no checkpoint was written"
-            raise NonFiniteLossError(f"{run.nonfinite_in_a_row} steps in a row had a non-finite loss or gradient "
-                                     f"(last at step {run.step}); stopping: {kept}")
-        if runtime.is_main:
-            with record_function("logging"):
-                runlog.append_step(run.out, {"step": run.step, **values, "lr": run.schedule.get_last_lr()[0]})
-                if hasattr(progress, "set_postfix"):
-                    progress.set_postfix(ce=f"{values['ce']:.3f}", kd=f"{values['kd']:.4f}")
+        run.epoch_sums["seconds"] = time.time() - started
         end_of_epoch = run.step % run.steps_per_epoch == 0
-        if stop_requested() or (stop_at_step is not None and run.step >= stop_at_step):
-            if not end_of_epoch:  # an epoch end is saved after its evaluation
-                run.save()
-            return
-        if config.checkpoint_every and run.step % config.checkpoint_every == 0 and not end_of_epoch:
+        stop = stop_requested() or (stop_at_step is not None and run.step >= stop_at_step)
+        save = not end_of_epoch and (stop or (config.checkpoint_every and run.step % config.checkpoint_every == 0))
+        if end_of_epoch or stop or save or run.step % config.log_every == 0:
+            flush_steps(run, progress)
+        if save:  # an epoch end is saved after its evaluation
             run.save()
+        if stop:
+            return
+    flush_steps(run, progress)
+
+
+def flush_steps(run: Run, progress) -> None:
+    """Read the pending steps back (one host sync), log them, add them to the epoch's sums; stop the run
+    if it diverged."""
+    with record_function("logging"):
+        records = run.guard.flush()
+        for record in records:
+            run.skipped += record["skipped"]
+            run.epoch_sums["ce"] += record["ce"]
+            run.epoch_sums["kd"] += record["kd"]
+            run.epoch_sums["steps"] += 1
+        if run.runtime.is_main and records:
+            runlog.append_steps(run.out, records)
+            if hasattr(progress, "set_postfix"):
+                progress.set_postfix(ce=f"{records[-1]['ce']:.3f}", kd=f"{records[-1]['kd']:.4f}")
+    if run.guard.halted_at is not None:
+        saved = os.path.join(run.out, "checkpoint.pt")
+        kept = f"the last good checkpoint is {saved}" if os.path.exists(saved) else "no checkpoint was written"
+        raise NonFiniteLossError(f"{run.guard.limit} steps in a row had a non-finite loss or gradient "
+                                 f"(last at step {run.guard.halted_at}); stopping: {kept}")
 
 
 def calibrated_accuracy(run: Run, loader: DataLoader, subnet: ArchConfig) -> Dict[str, float]:

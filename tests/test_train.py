@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import traceback
 
 import pytest
 import torch
@@ -130,6 +131,75 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_a_good_checkpoint(tmp_pa
         train.run_training(config)
     state = ckpt.load(config.out)
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
+
+
+HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
+
+
+def test_step_loop_reads_the_device_at_most_once_per_log_every_steps(tmp_path, monkeypatch):
+    """Each of these calls waits for the GPU when the tensor is there; counted here on CPU tensors, leaving
+    out the DataLoader's own host tensors (the epoch's order, the workers' base seed). The op's backward
+    reads its incoming gradient only on CPU, where that costs nothing: made to behave as on a GPU here."""
+    from alphadiv_kernels import adaptive_kd
+
+    config = small_config(tmp_path, "syncs", epochs="1", batch_size="64", log_every="5")
+    run = train.setup(config, None, train.Runtime(0, 1, torch.device("cpu")))
+    run.model.train()
+    monkeypatch.setattr(adaptive_kd, "_is_exactly_one", lambda grad_loss: False)
+    reads = []
+
+    def counted(name, original):
+        def read(self, *args, **kwargs):
+            callers = [frame.filename for frame in traceback.extract_stack()[:-1]]
+            if not any(os.path.join("torch", "utils", "data") in caller for caller in callers):
+                reads.append(f"{name} from {callers[-1]}")
+            return original(self, *args, **kwargs)
+        return read
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    train.train_epoch(run, None, lambda: False)
+    monkeypatch.undo()
+    assert run.steps_per_epoch == 19 and run.step == 19
+    assert len(reads) <= -(-19 // 5), reads  # steps 5, 10, 15 and the epoch's end
+    assert [record["step"] for record in step_losses(config.out)] == list(range(1, 20))
+    assert run.epoch_sums["steps"] == 19
+
+
+def test_a_non_finite_step_changes_no_weight_and_no_momentum_and_a_streak_freezes_the_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    config = resolve_config("digits")
+    optimizer = train.make_optimizer(model, config, 256)
+    guard = train.StepGuard(limit=2, device=torch.device("cpu"))
+    snapshot = lambda: [t.clone() for t in [*model.parameters(), *(optimizer.state[p]["momentum_buffer"]  # noqa
+                                                                   for p in model.parameters())]]
+
+    def step(number, poison=None):
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+        if poison == "grad":
+            flat[0] = float("inf")
+        losses = {"ce": loss.detach() * (float("nan") if poison == "loss" else 1.0)}
+        optimizer.found_inf = guard.check(losses, flat, number, 0.1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(1, "grad")  # a skipped first step: the momentum stays zero, not uninitialised
+    assert all(torch.equal(t, torch.zeros_like(t)) for t in snapshot()[-4:])
+    step(2)
+    before = snapshot()
+    step(3, "loss")
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    step(4)
+    assert not all(torch.equal(a, b) for a, b in zip(before, snapshot()))
+    records = guard.flush()
+    assert [(r["step"], r["skipped"]) for r in records] == [(1, True), (2, False), (3, True), (4, False)]
+    assert guard.halted_at is None and torch.isnan(torch.tensor(records[2]["ce"]))
+    frozen = snapshot()
+    step(5, "grad"), step(6, "loss"), step(7), step(8)  # two in a row: the run halts at step 6
+    assert all(torch.equal(a, b) for a, b in zip(frozen, snapshot()))
+    assert [r["step"] for r in guard.flush()] == [5] and guard.halted_at == 6
 
 
 # -- distributed ------------------------------------------------------------------------------
