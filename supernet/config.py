@@ -54,6 +54,8 @@ class TrainConfig:
     amp: str = key("off", "execution", "autocast: off | bf16 | fp16 (GPU only)")
     channels_last: bool = key(False, "execution", "channels-last memory format")
     workers: int = key(0, "execution", "data-loading worker processes")
+    decode_on_device: bool = key(False, "execution", "imagefolder: training JPEGs decoded (nvJPEG) and augmented on "
+                                                     "the GPU; the workers only read files")
     seed: int = key(0, "execution", "seed of the weights, data order, subnets and dropout")
     calib_images: int = key(512, "outputs", "training images for BN calibration before each evaluation")
     eval_batch_size: int = key(256, "outputs", "batch size of evaluation")
@@ -204,6 +206,9 @@ def validate(config: TrainConfig) -> None:
     if not is_bundled(config.dataset) and not config.data_path:
         raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path for train, --data-path for "
                          "eval / search / export)")
+    if config.decode_on_device and config.dataset != "imagefolder":
+        raise ValueError(f"config key 'decode_on_device' decodes image files: it needs dataset imagefolder, not "
+                         f"{config.dataset!r}")
     if config.kd_temperature > MAX_TEMPERATURE:
         raise ValueError(f"config key 'kd_temperature' must be at most {MAX_TEMPERATURE:g}, got {config.kd_temperature}")
     if is_bundled(config.dataset) and config.space in IMAGENET_SPACES:

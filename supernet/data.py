@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -173,6 +173,75 @@ def _normalization(device: torch.device):
     """The mean and std in 0-255 units, [3, 1, 1], made once per device (not copied there per batch)."""
     to_tensor = lambda values: torch.tensor(values, device=device).mul_(255).view(-1, 1, 1)  # noqa: E731
     return to_tensor(IMAGENET_MEAN), to_tensor(IMAGENET_STD)
+
+
+class EncodedImages(Dataset):
+    """An ImageFolder's training files as undecoded bytes (uint8 [size]) with their labels: the workers
+    only read files, and `collate_encoded` batches them for `EncodedBatch.decode` on the device."""
+
+    def __init__(self, folder: Dataset, image_size: int):
+        self.samples, self.image_size = folder.samples, image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        with open(path, "rb") as handle:
+            return torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8), label, self.image_size
+
+
+def collate_encoded(batch):
+    """One flat byte tensor per batch (one shared-memory block from a worker, one pinned copy)."""
+    files = [item[0] for item in batch]
+    return (EncodedBatch(torch.cat(files), [len(data) for data in files], batch[0][2]),
+            torch.tensor([item[1] for item in batch]))
+
+
+class EncodedBatch:
+    """Still-encoded training images. `decode(device)` decodes the JPEGs there (nvJPEG on a GPU, through
+    `torchvision.io.decode_jpeg(device=...)`; other formats, and any batch nvJPEG rejects, by
+    `decode_image` on the host) and runs the training transforms there on each image's uint8 tensor:
+    bicubic RandomResizedCrop, flip, AutoAugment (transforms v2's tensor operations, not PIL's).
+    Returns uint8 [N, H, W, 3] (a view of [N, 3, H, W]) for `normalize_on_device`."""
+
+    def __init__(self, data: torch.Tensor, sizes: List[int], image_size: int):
+        self.data, self.sizes, self.image_size = data, sizes, image_size
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def pin_memory(self) -> "EncodedBatch":
+        return EncodedBatch(self.data.pin_memory(), self.sizes, self.image_size)
+
+    def decode(self, device: torch.device) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+        files = self.data.split(self.sizes)
+        is_jpeg = [data[:2].tolist() == [0xFF, 0xD8] for data in files]  # host bytes: no device sync
+        images: List[torch.Tensor] = [None] * len(files)
+        jpegs = [i for i, flag in enumerate(is_jpeg) if flag]
+        if jpegs:
+            try:
+                decoded = decode_jpeg([files[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
+                for i, image in zip(jpegs, decoded):
+                    images[i] = image
+            except RuntimeError:  # e.g. a CMYK JPEG on nvJPEG: this batch on the host
+                pass
+        augment = _device_training_transform(self.image_size)
+        images = [augment(image if image is not None else
+                          decode_image(data, mode=ImageReadMode.RGB).to(device, non_blocking=True))
+                  for image, data in zip(images, files)]
+        return torch.stack(images).permute(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_training_transform(image_size: int):
+    from torchvision.transforms import v2
+
+    bicubic = v2.InterpolationMode.BICUBIC
+    return v2.Compose([v2.RandomResizedCrop(image_size, interpolation=bicubic, antialias=True),
+                       v2.RandomHorizontalFlip(), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)])
 
 
 def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
 from .config import CommandLineParser, TrainConfig, error_line
-from .data import load_splits, normalize_on_device, num_classes
+from .data import EncodedBatch, load_splits, normalize_on_device, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
 from .space import ArchConfig, SearchSpace, get_space, load_arch
@@ -38,7 +38,10 @@ def positive_int(text: str) -> int:
 
 
 def to_device(images: torch.Tensor, labels: torch.Tensor, device: torch.device, channels_last: bool = False):
-    """A batch on the device, ImageFolder's uint8 images normalised there."""
+    """A batch on the device, ImageFolder's uint8 images normalised there (still-encoded ones decoded and
+    augmented there first: `decode_on_device`)."""
+    if isinstance(images, EncodedBatch):
+        images = images.decode(device)
     images = normalize_on_device(images.to(device, non_blocking=True))
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)

@@ -38,7 +38,7 @@ from . import runlog
 from .calibration import recalibrate_bn, share_bn_statistics
 from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, overrides, resolve_config,
                      save_yaml, to_dict)
-from .data import load_splits, num_classes
+from .data import EncodedImages, collate_encoded, load_splits, num_classes
 from .evaluate import calibration_loader, classification_metrics, positive_int, shard, to_device
 from .flops import flops_and_params
 from .model import ElasticSupernet
@@ -367,8 +367,12 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
                                  drop_last=True)
     steps_per_epoch = len(sampler) // config.batch_size
     order = EpochOrder(sampler, config.batch_size, steps_per_epoch)
-    loader = DataLoader(splits["train"], batch_size=config.batch_size, sampler=order, num_workers=config.workers,
-                        persistent_workers=config.workers > 0, pin_memory=runtime.device.type == "cuda")
+    images, collate = splits["train"], None  # decode_on_device: files read by the workers, decoded in to_device
+    if config.decode_on_device:
+        images, collate = EncodedImages(splits["train"], config.image_size), collate_encoded
+    loader = DataLoader(images, batch_size=config.batch_size, sampler=order, num_workers=config.workers,
+                        collate_fn=collate, persistent_workers=config.workers > 0,
+                        pin_memory=runtime.device.type == "cuda")
     if steps_per_epoch == 0:
         raise ValueError(f"config key 'batch_size' ({config.batch_size}) exceeds the {len(sampler)} training "
                          "images per process")

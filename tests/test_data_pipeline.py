@@ -88,3 +88,49 @@ def test_data_suite_prints_the_comparison_line(jpeg_folder, tmp_path, capsys, mo
                                                                    for w in (0, 2)}
     assert all(row["images_per_s"] > 0 and row["min"] <= row["images_per_s"] <= row["max"] for row in rows)
     assert json.load(open(tmp_path / "out" / "results.json"))["summary"].startswith("data pipeline: ")
+
+
+def test_decode_on_device_reads_files_in_workers_and_decodes_in_to_device(jpeg_folder, tmp_path, monkeypatch):
+    """The `decode_on_device` path, run on CPU: the same pixels as `decode_rgb` for JPEG and other
+    formats, the training transforms after decoding, then a short training run through it."""
+    import os
+    import shutil
+
+    import torchvision
+    from torch.utils.data import DataLoader
+    from torchvision.transforms import v2
+
+    from supernet import data, train
+    from supernet.config import resolve_config
+    from supernet.evaluate import to_device
+
+    root = tmp_path / "folder"
+    shutil.copytree(jpeg_folder, root / "train")
+    shutil.copytree(jpeg_folder, root / "val")
+    png = root / "train" / sorted(os.listdir(root / "train"))[0] / "extra.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8)).save(png)
+    encoded = data.EncodedImages(imagefolder_splits(str(root), 32)["train"], 32)
+    paths = [path for path, _ in encoded.samples]
+    index = {paths.index(str(png)), 0}
+    batch, labels = data.collate_encoded([encoded[i] for i in sorted(index)])
+    with monkeypatch.context() as patch:  # only a crop, to compare pixels
+        patch.setattr(data, "_device_training_transform", lambda size: v2.CenterCrop(size))
+        decoded = batch.decode(torch.device("cpu"))
+        for image, i in zip(decoded, sorted(index)):
+            assert torch.equal(image, v2.CenterCrop(32)(decode_rgb(paths[i])).permute(1, 2, 0))
+
+        def rejected(*args, **kwargs):
+            raise RuntimeError("nvJPEG: unsupported")
+        patch.setattr(torchvision.io, "decode_jpeg", rejected)  # the batch falls back to the host decoder
+        assert torch.equal(batch.decode(torch.device("cpu")), decoded)
+    loader = DataLoader(encoded, batch_size=4, collate_fn=data.collate_encoded, num_workers=1)
+    images, labels = to_device(*next(iter(loader)), torch.device("cpu"), channels_last=True)
+    assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (4,)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    config = resolve_config("digits", overrides={"dataset": "imagefolder", "data_path": str(root), "space": "tiny",
+                                                 "image_size": "32", "decode_on_device": "true", "epochs": "1",
+                                                 "batch_size": "8", "num_random_subnets": "1", "calib_images": "8",
+                                                 "out": str(tmp_path / "run")})
+    assert train.run_training(config, stop_at_step=2)["stopped"]
+    with pytest.raises(ValueError, match="decode_on_device.*needs dataset imagefolder"):
+        resolve_config("digits", overrides={"decode_on_device": "true"})
