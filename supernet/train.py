@@ -128,10 +128,14 @@ def sandwich_backward(model: ElasticSupernet, images: torch.Tensor, labels: torc
     return {"ce": ce.detach(), "kd": torch.stack(kd_losses).mean()}
 
 
-def all_reduce_gradients(params: List[nn.Parameter], runtime: Runtime) -> torch.Tensor:
-    """Average the gradients over processes with one all-reduce; returns the flat averaged buffer."""
+def all_reduce_gradients(params: List[nn.Parameter], runtime: Runtime,
+                         losses: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    """Average the gradients, and the step's `losses` riding in the same buffer, over processes with one
+    all-reduce; returns the flat averaged buffer (the gradients, then the losses in order). Every process
+    then sees the same losses and gradients, so every process skips the same non-finite steps."""
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch._utils._flatten_dense_tensors(grads)
+    scalars = [value.detach().float().reshape(1) for value in (losses or {}).values()]
+    flat = torch._utils._flatten_dense_tensors(grads + scalars)
     if runtime.world > 1:
         dist.all_reduce(flat)
         flat /= runtime.world
@@ -210,9 +214,10 @@ class StepGuard:
         self.steps: List[tuple] = []  # per step: what the host knows (loss names, step number, LR)
         self.halted_at: Optional[int] = None
 
-    def check(self, losses: Dict[str, torch.Tensor], flat_grads: torch.Tensor, step: int, lr: float) -> torch.Tensor:
+    def check(self, losses: Dict[str, torch.Tensor], reduced: torch.Tensor, step: int, lr: float) -> torch.Tensor:
+        """`reduced`: the all-reduced buffer of gradients and losses (`all_reduce_gradients`)."""
         values = torch.stack([value.detach().float() for value in losses.values()])
-        finite = torch.isfinite(flat_grads).all() & torch.isfinite(values).all()
+        finite = torch.isfinite(reduced).all() & torch.isfinite(values).all()
         self.in_a_row = torch.where(finite & (self.in_a_row < self.limit), 0.0, self.in_a_row + 1)
         self.pending.append(torch.cat([values, self.in_a_row.view(1)]))
         self.steps.append((list(losses), step, lr))
@@ -418,12 +423,12 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
         subnets = sample_subnets(run.space, config.seed, run.step, config.num_random_subnets)
         losses = sandwich_backward(run.model, images, labels, subnets, config, run.autocast, run.scaler)
         with record_function("all_reduce"):
-            flat = all_reduce_gradients(params, runtime)
+            flat = all_reduce_gradients(params, runtime, losses)
         with record_function("optimizer"):
             if config.amp == "fp16":
                 run.scaler.unscale_(run.optimizer)
-            # all processes see the same reduced gradients, so all skip the same steps
-            run.optimizer.found_inf = run.guard.check(losses, flat, step=run.step + 1,
+            averaged = dict(zip(losses, flat[-len(losses):]))
+            run.optimizer.found_inf = run.guard.check(averaged, flat, step=run.step + 1,
                                                       lr=run.schedule.get_last_lr()[0])
             if config.grad_clip_value > 0:
                 torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)

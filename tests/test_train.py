@@ -242,7 +242,7 @@ def _distributed_worker(rank: int, world: int, port: int, results) -> None:
 
         dist.all_reduce = counting_all_reduce
         try:
-            reduced = train.all_reduce_gradients(params, runtime).clone()
+            reduced = train.all_reduce_gradients(params, runtime, {"ce": torch.tensor(rank + 1.0)}).clone()
         finally:
             dist.all_reduce = real_all_reduce
         gathered_subnets = [None] * world
@@ -264,7 +264,8 @@ def test_two_gloo_processes_sample_the_same_subnets_and_average_gradients_in_one
     assert first["subnets_equal"] and second["subnets_equal"]
     assert first["all_reduce_calls"] == 1 and second["all_reduce_calls"] == 1
     assert torch.equal(first["reduced"], second["reduced"])
-    torch.testing.assert_close(first["reduced"], first["mean_of_locals"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(first["reduced"][:-1], first["mean_of_locals"], rtol=1e-6, atol=1e-7)
+    assert first["reduced"][-1] == 1.5  # the losses ride in the same all-reduce: (1 + 2) / 2
     assert not torch.equal(results[0]["mean_of_locals"], torch.zeros_like(results[0]["mean_of_locals"]))
 
 
