@@ -214,13 +214,12 @@ class StepGuard:
         self.steps: List[tuple] = []  # per step: what the host knows (loss names, step number, LR)
         self.halted_at: Optional[int] = None
 
-    def check(self, losses: Dict[str, torch.Tensor], reduced: torch.Tensor, step: int, lr: float) -> torch.Tensor:
-        """`reduced`: the all-reduced buffer of gradients and losses (`all_reduce_gradients`)."""
-        values = torch.stack([value.detach().float() for value in losses.values()])
-        finite = torch.isfinite(reduced).all() & torch.isfinite(values).all()
+    def check(self, loss_names: List[str], reduced: torch.Tensor, step: int, lr: float) -> torch.Tensor:
+        """`reduced`: `all_reduce_gradients`' buffer, the gradients then the losses named `loss_names`."""
+        finite = torch.isfinite(reduced).all()
         self.in_a_row = torch.where(finite & (self.in_a_row < self.limit), 0.0, self.in_a_row + 1)
-        self.pending.append(torch.cat([values, self.in_a_row.view(1)]))
-        self.steps.append((list(losses), step, lr))
+        self.pending.append(torch.cat([reduced[-len(loss_names):], self.in_a_row.view(1)]))
+        self.steps.append((loss_names, step, lr))
         return (self.in_a_row > 0).float()
 
     def flush(self) -> List[Dict[str, float]]:
@@ -427,9 +426,7 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
         with record_function("optimizer"):
             if config.amp == "fp16":
                 run.scaler.unscale_(run.optimizer)
-            averaged = dict(zip(losses, flat[-len(losses):]))
-            run.optimizer.found_inf = run.guard.check(averaged, flat, step=run.step + 1,
-                                                      lr=run.schedule.get_last_lr()[0])
+            run.optimizer.found_inf = run.guard.check(list(losses), flat, run.step + 1, run.schedule.get_last_lr()[0])
             if config.grad_clip_value > 0:
                 torch.nn.utils.clip_grad_value_(params, config.grad_clip_value)
             run.optimizer.step()

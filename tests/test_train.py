@@ -177,11 +177,11 @@ def test_a_non_finite_step_changes_no_weight_and_no_momentum_and_a_streak_freeze
     def step(number, poison=None):
         loss = model(torch.randn(8, 4)).square().mean()
         loss.backward()
-        flat = torch.cat([p.grad.flatten() for p in model.parameters()])
+        losses = {"ce": loss.detach() * (float("nan") if poison == "loss" else 1.0)}
+        flat = train.all_reduce_gradients(list(model.parameters()), train.Runtime(0, 1, torch.device("cpu")), losses)
         if poison == "grad":
             flat[0] = float("inf")
-        losses = {"ce": loss.detach() * (float("nan") if poison == "loss" else 1.0)}
-        optimizer.found_inf = guard.check(losses, flat, number, 0.1)
+        optimizer.found_inf = guard.check(list(losses), flat, number, 0.1)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
