@@ -177,7 +177,7 @@ def _normalization(device: torch.device):
 
 class EncodedImages(Dataset):
     """An ImageFolder's training files as undecoded bytes (uint8 [size]) with their labels: the workers
-    only read files, and `collate_encoded` batches them for `EncodedBatch.decode` on the device."""
+    only read files, and `collate` batches them for `EncodedBatch.decode` on the device."""
 
     def __init__(self, folder: Dataset, image_size: int):
         self.samples, self.image_size = folder.samples, image_size
@@ -188,14 +188,13 @@ class EncodedImages(Dataset):
     def __getitem__(self, index: int):
         path, label = self.samples[index]
         with open(path, "rb") as handle:
-            return torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8), label, self.image_size
+            return torch.frombuffer(bytearray(handle.read()), dtype=torch.uint8), label
 
-
-def collate_encoded(batch):
-    """One flat byte tensor per batch (one shared-memory block from a worker, one pinned copy)."""
-    files = [item[0] for item in batch]
-    return (EncodedBatch(torch.cat(files), [len(data) for data in files], batch[0][2]),
-            torch.tensor([item[1] for item in batch]))
+    def collate(self, batch):
+        """One flat byte tensor per batch (one shared-memory block from a worker, one pinned copy)."""
+        files = [data for data, _ in batch]
+        return (EncodedBatch(torch.cat(files), [len(data) for data in files], self.image_size),
+                torch.tensor([label for _, label in batch]))
 
 
 class EncodedBatch:

@@ -36,7 +36,7 @@ from .data import DATASETS, is_bundled, load_splits, num_classes
 from .calibration import recalibrate_bn
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .report import plot_curves
-from .train import (Interrupted, NonFiniteLossError, Runtime, StepGuard, _progress, all_reduce_gradients,
+from .train import (Interrupted, Runtime, StepGuard, _progress, all_reduce_gradients, flush_steps,
                     load_optimizer, lr_factor, make_autocast, make_optimizer, print0, run_command, seed_step,
                     setup_runtime, stop_requests)
 
@@ -266,20 +266,9 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
     val_loader = DataLoader(splits["val"], batch_size=config.eval_batch_size, num_workers=config.workers)
     guard = StepGuard(config.max_nonfinite_steps, runtime.device)
 
-    def flush_steps() -> None:
-        """Log the pending steps (one host sync), add them to the epoch's sums; stop if the run diverged."""
+    def flush() -> None:
         nonlocal skipped
-        records = guard.flush()
-        for record in records:
-            skipped += record["skipped"]
-            for name in ("loss", "ce", "kd"):
-                sums[name] += record[name]
-            sums["steps"] += 1
-        if runtime.is_main and records:
-            runlog.append_steps(config.out, records)
-        if guard.halted_at is not None:
-            raise NonFiniteLossError(f"{guard.limit} steps in a row had a non-finite loss or gradient "
-                                     f"(last at step {guard.halted_at}); stopping")
+        skipped += sum(record["skipped"] for record in flush_steps(guard, sums, config.out, runtime.is_main))
 
     with stop_requests() as requested:
         while step < total:
@@ -313,12 +302,12 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
                 stop = requested or (stop_at_step is not None and step >= stop_at_step)
                 checkpoint = config.checkpoint_every and step % config.checkpoint_every == 0 and not at_end
                 if at_end or stop or checkpoint or step % config.log_every == 0:
-                    flush_steps()
+                    flush()
                 if stop:
                     break
                 if checkpoint:
                     save()
-            flush_steps()
+            flush()
             if step % steps_per_epoch == 0 and sums.get("steps"):
                 record = {"epoch": step // steps_per_epoch, "step": step, "lr": schedule.get_last_lr()[0],
                           **{f"train_{name}": sums[name] / sums["steps"] for name in ("loss", "ce", "kd")},

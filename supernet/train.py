@@ -38,7 +38,7 @@ from . import runlog
 from .calibration import recalibrate_bn, share_bn_statistics
 from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, overrides, resolve_config,
                      save_yaml, to_dict)
-from .data import EncodedImages, collate_encoded, load_splits, num_classes
+from .data import EncodedImages, load_splits, num_classes
 from .evaluate import calibration_loader, classification_metrics, positive_int, shard, to_device
 from .flops import flops_and_params
 from .model import ElasticSupernet
@@ -373,7 +373,8 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
     order = EpochOrder(sampler, config.batch_size, steps_per_epoch)
     images, collate = splits["train"], None  # decode_on_device: files read by the workers, decoded in to_device
     if config.decode_on_device:
-        images, collate = EncodedImages(splits["train"], config.image_size), collate_encoded
+        images = EncodedImages(splits["train"], config.image_size)
+        collate = images.collate
     loader = DataLoader(images, batch_size=config.batch_size, sampler=order, num_workers=config.workers,
                         collate_fn=collate, persistent_workers=config.workers > 0,
                         pin_memory=runtime.device.type == "cuda")
@@ -439,33 +440,39 @@ def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
         stop = stop_requested() or (stop_at_step is not None and run.step >= stop_at_step)
         save = not end_of_epoch and (stop or (config.checkpoint_every and run.step % config.checkpoint_every == 0))
         if end_of_epoch or stop or save or run.step % config.log_every == 0:
-            flush_steps(run, progress)
+            flush_run_steps(run, progress)
         if save:  # an epoch end is saved after its evaluation
             run.save()
         if stop:
             return
-    flush_steps(run, progress)
+    flush_run_steps(run, progress)
 
 
-def flush_steps(run: Run, progress) -> None:
-    """Read the pending steps back (one host sync), log them, add them to the epoch's sums; stop the run
-    if it diverged."""
+def flush_steps(guard: StepGuard, sums: Dict[str, float], out: str, is_main: bool) -> List[Dict[str, float]]:
+    """Read a run's pending steps back (one host sync), add their losses to the epoch's `sums` (keys named
+    as the losses, and "steps"), append them to `out`'s steps.jsonl (on the main process); stop the run
+    if it diverged. Returns the step records (for `skipped` and the progress bar)."""
     with record_function("logging"):
-        records = run.guard.flush()
+        records = guard.flush()
         for record in records:
-            run.skipped += record["skipped"]
-            run.epoch_sums["ce"] += record["ce"]
-            run.epoch_sums["kd"] += record["kd"]
-            run.epoch_sums["steps"] += 1
-        if run.runtime.is_main and records:
-            runlog.append_steps(run.out, records)
-            if hasattr(progress, "set_postfix"):
-                progress.set_postfix(ce=f"{records[-1]['ce']:.3f}", kd=f"{records[-1]['kd']:.4f}")
-    if run.guard.halted_at is not None:
-        saved = os.path.join(run.out, "checkpoint.pt")
+            for name in sums.keys() & record.keys():  # the losses
+                sums[name] += record[name]
+            sums["steps"] += 1
+        if is_main and records:
+            runlog.append_steps(out, records)
+    if guard.halted_at is not None:
+        saved = os.path.join(out, "checkpoint.pt")
         kept = f"the last good checkpoint is {saved}" if os.path.exists(saved) else "no checkpoint was written"
-        raise NonFiniteLossError(f"{run.guard.limit} steps in a row had a non-finite loss or gradient "
-                                 f"(last at step {run.guard.halted_at}); stopping: {kept}")
+        raise NonFiniteLossError(f"{guard.limit} steps in a row had a non-finite loss or gradient "
+                                 f"(last at step {guard.halted_at}); stopping: {kept}")
+    return records
+
+
+def flush_run_steps(run: Run, progress) -> None:
+    records = flush_steps(run.guard, run.epoch_sums, run.out, run.runtime.is_main)
+    run.skipped += sum(record["skipped"] for record in records)
+    if records and hasattr(progress, "set_postfix"):
+        progress.set_postfix(ce=f"{records[-1]['ce']:.3f}", kd=f"{records[-1]['kd']:.4f}")
 
 
 def calibrated_accuracy(run: Run, loader: DataLoader, subnet: ArchConfig) -> Dict[str, float]:

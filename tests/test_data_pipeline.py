@@ -112,7 +112,7 @@ def test_decode_on_device_reads_files_in_workers_and_decodes_in_to_device(jpeg_f
     encoded = data.EncodedImages(imagefolder_splits(str(root), 32)["train"], 32)
     paths = [path for path, _ in encoded.samples]
     index = {paths.index(str(png)), 0}
-    batch, labels = data.collate_encoded([encoded[i] for i in sorted(index)])
+    batch, labels = encoded.collate([encoded[i] for i in sorted(index)])
     with monkeypatch.context() as patch:  # only a crop, to compare pixels
         patch.setattr(data, "_device_training_transform", lambda size: v2.CenterCrop(size))
         decoded = batch.decode(torch.device("cpu"))
@@ -123,7 +123,7 @@ def test_decode_on_device_reads_files_in_workers_and_decodes_in_to_device(jpeg_f
             raise RuntimeError("nvJPEG: unsupported")
         patch.setattr(torchvision.io, "decode_jpeg", rejected)  # the batch falls back to the host decoder
         assert torch.equal(batch.decode(torch.device("cpu")), decoded)
-    loader = DataLoader(encoded, batch_size=4, collate_fn=data.collate_encoded, num_workers=1)
+    loader = DataLoader(encoded, batch_size=4, collate_fn=encoded.collate, num_workers=1)
     images, labels = to_device(*next(iter(loader)), torch.device("cpu"), channels_last=True)
     assert images.shape == (4, 3, 32, 32) and images.dtype == torch.float32 and labels.shape == (4,)
     assert images.is_contiguous(memory_format=torch.channels_last)
