@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from .checkpoint import atomic_write
+from .checkpoint import LOCK_FILE, RunFolderLock, atomic_write
 from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, field_types, overrides,
                      resolve_config, to_dict)
 
@@ -394,8 +394,8 @@ def parse_seeds(text: str) -> List[int]:
     return seeds
 
 
-def open_folder(out: str, plan: Plan) -> None:
-    """Create the ablation folder, or check that an existing one holds this same ablation."""
+def check_folder(out: str, plan: Plan) -> None:
+    """ValueError unless `out` is new, empty, or holds this same ablation (fewer or more seeds allowed)."""
     plan_path = os.path.join(out, "plan.json")
     if os.path.exists(plan_path):
         with open(plan_path) as handle:
@@ -403,10 +403,15 @@ def open_folder(out: str, plan: Plan) -> None:
         saved.pop("seeds", None)
         if saved != json.loads(json.dumps(plan.identity())):
             raise ValueError(f"--out {out!r} holds a different ablation ({plan_path}); choose another folder")
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    elif os.path.exists(out) and (not os.path.isdir(out) or set(os.listdir(out)) - {LOCK_FILE}):
         raise ValueError(f"--out {out!r} exists and is not an ablation folder")
+
+
+def open_folder(out: str, plan: Plan) -> None:
+    """The ablation folder with its logs folder and plan, after `check_folder`."""
+    check_folder(out, plan)
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
-    atomic_write(plan_path, json.dumps(plan.to_json(), indent=1).encode())
+    atomic_write(os.path.join(out, "plan.json"), json.dumps(plan.to_json(), indent=1).encode())
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -426,15 +431,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
-        plan = make_plan(args.preset, parse_grid(args.grid), parse_seeds(args.seeds), overrides(args), args.config,
-                         args.quick)
+        fixed = {name: value for name, value in overrides(args).items() if name != "out"}  # --out: the ablation's
+        plan = make_plan(args.preset, parse_grid(args.grid), parse_seeds(args.seeds), fixed, args.config, args.quick)
         out = args.out or plan.default_folder()
-        open_folder(out, plan)
-        print(f"alphanet ablate: {len(plan.points)} grid points x {len(plan.seeds)} seeds = "
-              f"{len(plan.points) * len(plan.seeds)} runs in {out} (baseline: {point_label(plan.baseline)})", flush=True)
-        results = run_all(plan, out, args.jobs)
-        rows = aggregate(plan, results)
-        paths = write_outputs(plan, out, rows, results)
+        check_folder(out, plan)
+        with RunFolderLock(out):  # one ablation per folder
+            open_folder(out, plan)
+            print(f"alphanet ablate: {len(plan.points)} grid points x {len(plan.seeds)} seeds = "
+                  f"{len(plan.points) * len(plan.seeds)} runs in {out} (baseline: {point_label(plan.baseline)})",
+                  flush=True)
+            results = run_all(plan, out, args.jobs)
+            rows = aggregate(plan, results)
+            paths = write_outputs(plan, out, rows, results)
     except KeyboardInterrupt:
         print("alphanet ablate: interrupted; finished runs are kept, rerun the same command to continue",
               file=sys.stderr, flush=True)

@@ -3,13 +3,15 @@ whole, and no temporary file behind once the writer (or the next run) has cleane
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import glob
 import io
 import os
 import random
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Union
+from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
 
@@ -18,25 +20,65 @@ from .config import TrainConfig, apply, from_saved, validate
 TEMPORARY_SUFFIX = ".partial"
 
 
+class _RecordingWriter(io.RawIOBase):
+    """A binary stream that remembers the OSError of a failed write: torch.save turns it into a
+    RuntimeError ("unexpected pos ..."), and the user should hear "No space left on device"."""
+
+    def __init__(self, stream: io.BufferedWriter):
+        super().__init__()
+        self.stream, self.error = stream, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        try:
+            return self.stream.write(data)
+        except OSError as error:
+            self.error = error
+            raise
+
+
 def atomic_write(path: str, data: Union[bytes, Callable[[io.BufferedWriter], None]]) -> None:
     """Write `data` (bytes, or a function writing to a binary file) to `path` through a temporary file in
     the same folder, fsync and rename; the temporary file is removed if anything fails (a full disk,
-    Ctrl-C). The folder must exist."""
+    Ctrl-C), and a failed write is an OSError naming `path` (a full disk, a quota, a read-only folder),
+    whatever library did the writing. The folder must exist."""
     folder = os.path.dirname(os.path.abspath(path))
-    handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TEMPORARY_SUFFIX, dir=folder)
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=TEMPORARY_SUFFIX,
+                                             dir=folder)
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, path) from None
+    recorder = None
     try:
         with os.fdopen(handle, "wb") as stream:
             if isinstance(data, bytes):
                 stream.write(data)
             else:
-                data(stream)
+                recorder = _RecordingWriter(stream)
+                data(recorder)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, path)  # atomic on POSIX: readers see the old file or the new one
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
+        cause = recorder.error if recorder is not None and recorder.error is not None else error
+        if isinstance(cause, OSError) and cause.errno is not None:
+            raise OSError(cause.errno, cause.strerror, path) from None
         raise
+
+
+@contextlib.contextmanager
+def writing(path: str) -> Iterator[None]:
+    """Around appends to a log file: a failed write (a full disk) is an OSError naming the file."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None or error.filename:
+            raise
+        raise OSError(error.errno, error.strerror, path) from None
 
 
 def remove_stale_temporaries(folder: str) -> None:
@@ -59,6 +101,81 @@ def run_folder(out: str, resume: Optional[str], default_name: str) -> str:
     out = out or os.path.join("runs", f"{default_name}-{time.strftime('%Y%m%d-%H%M%S')}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a folder")
+    return out
+
+
+LOCK_FILE = ".lock"
+
+
+class RunFolderLock:
+    """One process per run folder: an exclusive lock on `<folder>/.lock`, held while the run writes there.
+    A POSIX record lock (`lockf`), not `flock`: it belongs to the process alone, so DataLoader workers
+    forked from it do not inherit it, and the kernel drops it the moment the process dies, however it
+    dies: a killed run never blocks its resume. The file holds the holder's pid, for the message, and is
+    removed on release, with the folder when the lock created it and nothing else was written there."""
+
+    def __init__(self, folder: str):
+        self.folder, self.path, self.handle, self.created = folder, os.path.join(folder, LOCK_FILE), None, False
+
+    def acquire(self) -> "RunFolderLock":
+        """Create the folder if needed and take the lock; ValueError naming the holder when another
+        process has it."""
+        self.created = not os.path.isdir(self.folder)
+        os.makedirs(self.folder, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+")
+            try:
+                fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                if error.errno not in (errno.EACCES, errno.EAGAIN):
+                    handle.close()
+                    raise
+                handle.seek(0)
+                holder = handle.read().strip() or "unknown"
+                handle.close()
+                raise ValueError(f"{self.folder!r} is in use by another run (process {holder}); wait for it to "
+                                 "finish, or choose another folder") from None
+            # the holder before us may have removed the file between our open and our lock: retry on the new one
+            if os.path.exists(self.path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(self.path)):
+                break
+            handle.close()
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self.handle = handle
+        return self
+
+    def release(self) -> None:
+        if self.handle is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            self.handle.close()  # closing drops the lock
+            self.handle = None
+            if self.created:
+                with contextlib.suppress(OSError):  # fails, as it should, unless the folder is empty
+                    os.rmdir(self.folder)
+
+    def __enter__(self) -> "RunFolderLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def existing_run(out: str, settings: Dict[str, object]) -> Optional[str]:
+    """The run to continue when a new run's folder `out` already holds a checkpoint: `out` itself when
+    the checkpoint's settings equal `settings` (the same command run again, e.g. after a crash or a full
+    disk), None when there is no checkpoint; a ValueError naming the first differing key otherwise, so a
+    different run never writes over (or appends to) another's folder."""
+    if not out or not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        return None
+    saved = load(out)["config"]
+    for name, value in settings.items():
+        if name != "out" and saved.get(name) != value:
+            raise ValueError(f"--out {out!r} holds a run with other settings ({name}: {saved.get(name)!r} there, "
+                             f"{value!r} now); continue it with --resume {out} (keys given with it override), "
+                             "or choose another --out")
     return out
 
 

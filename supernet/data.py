@@ -25,15 +25,10 @@ from typing import Dict, List
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
+from .config import DATASETS, DIGITS_SPLITS, is_bundled
+
 SPLIT_SEED = 1234  # the splits never depend on the training seed
-DIGITS_SPLITS = {"digits": (0.2, 0.1), "digits_lowdata": (0.8, 0.1)}  # (test, val) fractions; train: the rest
-DATASETS = (*DIGITS_SPLITS, "cifar10", "imagefolder")
 NUM_CLASSES = {"digits": 10, "digits_lowdata": 10, "cifar10": 10}
-
-
-def is_bundled(dataset: str) -> bool:
-    """Data that ships with the dependencies: no folder, no augmentation."""
-    return dataset in DIGITS_SPLITS
 
 
 def digits_splits(dataset: str = "digits") -> Dict[str, Dataset]:

@@ -15,6 +15,7 @@ Single process: `alphanet distill`. Several: `torchrun --standalone --nproc_per_
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -30,9 +31,9 @@ from alphadiv_kernels import fused_adaptive_kd
 
 from . import checkpoint as ckpt
 from . import models, runlog
-from .config import (CommandLineParser, add_config_arguments, apply, check_ranges, key, overrides, resolve_config,
-                     save_yaml, to_dict)
-from .data import DATASETS, is_bundled, load_splits, num_classes
+from .config import (DATASETS, CommandLineParser, add_config_arguments, apply, check_ranges, is_bundled, key,
+                     overrides, resolve_config, save_yaml, to_dict)
+from .data import load_splits, num_classes
 from .calibration import recalibrate_bn
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .report import plot_curves
@@ -212,7 +213,13 @@ def calibrate(model: torch.nn.Module, split: Dataset, config: DistillConfig, run
 
 def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
                 runtime: Optional[Runtime] = None, role: str = "student") -> Dict[str, object]:
-    runtime = runtime or setup_runtime()
+    with contextlib.ExitStack() as held:
+        return distill_run(config, resume, stop_at_step, runtime or setup_runtime(), role, held)
+
+
+def distill_run(config: DistillConfig, resume: Optional[str], stop_at_step: Optional[int], runtime: Runtime,
+                role: str, held: contextlib.ExitStack) -> Dict[str, object]:
+    """`run_distill`; the run folder's lock is held by `held`."""
     state = ckpt.load(resume) if resume else None
     config.out = ckpt.run_folder(config.out, resume, f"distill-{config.dataset}")
     splits = load_splits(config.dataset, config.data_path, config.image_size)
@@ -227,8 +234,8 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
     student = models.build(config.student, classes, config.seed, config.data_path or None).to(runtime.device)
     trained_here = (config.teacher or default_teacher(config)).startswith("arch:")
     teacher = None if config.kd == "none" or trained_here else load_teacher(config, classes, runtime)
-    if runtime.is_main:
-        os.makedirs(config.out, exist_ok=True)
+    if runtime.is_main:  # one process per run folder, until `held` closes
+        held.enter_context(ckpt.RunFolderLock(config.out))
         ckpt.remove_stale_temporaries(config.out)
     if config.kd != "none" and trained_here:
         teacher = load_teacher(config, classes, runtime)
@@ -245,8 +252,8 @@ def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_ste
         schedule.load_state_dict(state["schedule"])
         ckpt.restore_rng(state["rng"])
         step, history, sums, skipped = state["step"], state["history"], state["epoch_sums"], state["skipped"]
-        if runtime.is_main:
-            runlog.rewind(config.out, step, history)
+    if runtime.is_main:  # the logs cut back to the checkpoint (to nothing on a fresh start): every step once
+        runlog.rewind(config.out, step, history)
     cache = None
     if teacher is not None and config.cache_teacher:
         cache = cached_logits(teacher, splits["train"], config, runtime, autocast)
@@ -368,9 +375,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             config = apply(DistillConfig(), ckpt.load(args.resume)["config"], f"checkpoint {args.resume!r}")
             apply(config, given, "the command line")
             validate(config)
-        else:
+        resume = args.resume
+        if not resume:
             config = resolve(args.preset, args.config, given)
-        run_distill(config, resume=args.resume)
+            resume = ckpt.existing_run(config.out, to_dict(config))  # the same command again continues its run
+        run_distill(config, resume=resume)
 
     run_command("alphanet distill", run)
 

@@ -27,8 +27,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import checkpoint as ckpt
 from . import models
 from .calibration import recalibrate_bn
-from .config import CommandLineParser, error_line
-from .data import DATASETS, load_splits, normalize_on_device, num_classes
+from .config import DATASETS, CommandLineParser, error_line
+from .data import load_splits, normalize_on_device, num_classes
 from .evaluate import classification_metrics
 
 
@@ -155,13 +155,14 @@ def main(argv: Optional[List[str]] = None) -> None:
         base = models.build(args.model, num_classes(args.dataset, splits), args.seed, args.data_path or None)
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise ValueError(f"--out {args.out!r} is a file, not a folder")
-        result = finetune(base, train, test, len(classes), args.epochs, args.batch_size, args.lr, args.weight_decay,
-                          args.holdout, args.seed)
-        os.makedirs(args.out, exist_ok=True)
-        model = result.pop("model")
-        ckpt.atomic_write(os.path.join(args.out, "weights.pt"), lambda stream: torch.save(model.state_dict(), stream))
-        record = {**result, "model": args.model, "classes": classes, "epochs": args.epochs}
-        ckpt.atomic_write(os.path.join(args.out, "finetune.json"), json.dumps(record, indent=1).encode())
+        with ckpt.RunFolderLock(args.out):  # one process per output folder
+            result = finetune(base, train, test, len(classes), args.epochs, args.batch_size, args.lr,
+                              args.weight_decay, args.holdout, args.seed)
+            model = result.pop("model")
+            ckpt.atomic_write(os.path.join(args.out, "weights.pt"),
+                              lambda stream: torch.save(model.state_dict(), stream))
+            record = {**result, "model": args.model, "classes": classes, "epochs": args.epochs}
+            ckpt.atomic_write(os.path.join(args.out, "finetune.json"), json.dumps(record, indent=1).encode())
     except (ValueError, OSError) as error:
         raise SystemExit(f"alphanet finetune: {error_line(error)}") from None
     print(f"chosen: lr {result['lr']:g}, weight decay {result['weight_decay']:g}")

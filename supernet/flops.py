@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
-from .model import HEAD_EXPANSION
-from .ops import expanded_width, se_width
-from .space import ArchConfig, SearchSpace
+from .space import HEAD_EXPANSION, ArchConfig, SearchSpace, expanded_width, se_width
+
+if TYPE_CHECKING:  # torch only for the hook counter: `alphanet flops` starts without it
+    from torch import nn
 
 
 def _conv_out(size: int, stride: int) -> int:
@@ -70,6 +70,9 @@ def mflops(space: SearchSpace, config: ArchConfig) -> float:
 
 def count_with_hooks(module: nn.Module, resolution: int, in_channels: int = 3) -> float:
     """Multiply-adds of every Conv2d and Linear in one forward of a 1-image batch."""
+    import torch
+    from torch import nn
+
     total = [0.0]
 
     def conv_hook(layer: nn.Conv2d, inputs, output):

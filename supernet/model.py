@@ -21,11 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite,
-                  expanded_width, se_width)
-from .space import ArchConfig, SearchSpace
+from .ops import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite
+from .space import HEAD_EXPANSION, ArchConfig, SearchSpace, expanded_width, se_width
 
-HEAD_EXPANSION = 6
 ACTIVATIONS = {"swish": nn.SiLU, "relu6": nn.ReLU6}
 
 

@@ -13,20 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
-    """Round to a multiple of divisor, not below min_value and not more than 10% down (MobileNet)."""
-    min_value = min_value or divisor
-    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
-    return rounded + divisor if rounded < 0.9 * value else rounded
-
-
-def expanded_width(in_channels: int, expand_ratio: int) -> int:
-    return make_divisible(round(in_channels * expand_ratio), 8)
-
-
-def se_width(channels: int) -> int:
-    return make_divisible(channels // 4, 8)
+from .space import se_width
 
 
 class ElasticConv2d(nn.Conv2d):

@@ -9,22 +9,26 @@ import json
 import os
 from typing import Dict, List
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, writing
 
 STEPS, METRICS_JSONL, METRICS_CSV = "steps.jsonl", "metrics.jsonl", "metrics.csv"
 
 
 def append_steps(out: str, records: List[Dict[str, float]]) -> None:
-    with open(os.path.join(out, STEPS), "a") as handle:
+    """Append step records (a write that fails half-way leaves a cut last line, which `read_steps` and
+    the resume's `rewind` drop)."""
+    path = os.path.join(out, STEPS)
+    with writing(path), open(path, "a") as handle:
         handle.write("".join(json.dumps(record) + "\n" for record in records))
 
 
 def append_epoch(out: str, record: Dict[str, float]) -> None:
-    with open(os.path.join(out, METRICS_JSONL), "a") as handle:
+    path = os.path.join(out, METRICS_JSONL)
+    with writing(path), open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
     path = os.path.join(out, METRICS_CSV)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
-    with open(path, "a", newline="") as handle:
+    with writing(path), open(path, "a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(record))
         if new:
             writer.writeheader()

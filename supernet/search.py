@@ -14,6 +14,7 @@ the state is saved; a killed search resumes from there.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -22,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch.distributed as dist
 
-from .checkpoint import atomic_write
+from .checkpoint import RunFolderLock, atomic_write
 from .config import CommandLineParser, error_line
 from .evaluate import TrainedSupernet, positive_int
 from .flops import mflops
@@ -233,10 +234,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                               seed=args.seed, seeds=seeds)
         run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
         out = args.out or os.path.join(run_dir, "search")
-        os.makedirs(out, exist_ok=True)
-        archive = EvolutionarySearch(trained, config, out).run()
-        if not dist.is_initialized() or dist.get_rank() == 0:
-            write_outputs(archive, out)
+        main_process = not dist.is_initialized() or dist.get_rank() == 0
+        with RunFolderLock(out) if main_process else contextlib.nullcontext():  # one search per folder
+            archive = EvolutionarySearch(trained, config, out).run()
+            if main_process:
+                write_outputs(archive, out)
     except (ValueError, OSError) as error:
         raise SystemExit(f"alphanet search: {error_line(error)}") from None
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -18,7 +18,24 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .ops import make_divisible
+# Channel arithmetic (MobileNet rounding), shared by the layers and the FLOPs count
+HEAD_EXPANSION = 6  # the last stage's 1x1 expansion before pooling
+
+
+def make_divisible(value: float, divisor: int = 8, min_value: Optional[int] = None) -> int:
+    """Round to a multiple of divisor, not below min_value and not more than 10% down (MobileNet)."""
+    min_value = min_value or divisor
+    rounded = max(min_value, int(value + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * value else rounded
+
+
+def expanded_width(in_channels: int, expand_ratio: int) -> int:
+    return make_divisible(round(in_channels * expand_ratio), 8)
+
+
+def se_width(channels: int) -> int:
+    return make_divisible(channels // 4, 8)
+
 
 ArchConfig = Dict[str, object]
 ARCH_KEYS = ("resolution", "width", "depth", "kernel_size", "expand_ratio")

@@ -338,6 +338,7 @@ class Run:
     epoch_sums: Dict[str, float] = dataclasses.field(default_factory=dict)  # of the epoch under way
     skipped: int = 0
     guard: Optional[StepGuard] = None  # made by setup
+    lock: Optional[ckpt.RunFolderLock] = None  # held by the main process while the run writes its folder
 
     @property
     def out(self) -> str:
@@ -346,6 +347,11 @@ class Run:
     @property
     def total_steps(self) -> int:
         return self.config.epochs * self.steps_per_epoch
+
+    def close(self) -> None:
+        """Release the run folder (the lock) for the next process."""
+        if self.lock is not None:
+            self.lock.release()
 
     def save(self) -> None:
         if self.runtime.is_main:
@@ -398,12 +404,22 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
         ckpt.restore_rng(state["rng"])
         run.step, run.history = state["step"], state["history"]
         run.epoch_sums, run.skipped = state.get("epoch_sums", {}), state.get("skipped", 0)
-    if runtime.is_main:
-        os.makedirs(config.out, exist_ok=True)
-        ckpt.remove_stale_temporaries(config.out)
-        if state is not None:
-            runlog.rewind(config.out, run.step, run.history)
+    run.lock = claim_run_folder(config.out, run.step, run.history) if runtime.is_main else None
     return run
+
+
+def claim_run_folder(out: str, step: int, history: List[Dict[str, float]]) -> ckpt.RunFolderLock:
+    """Create the run folder and lock it (one process per folder); then remove what a killed writer left
+    and cut the logs back to the checkpoint's `step` and `history` (to nothing on a fresh start), so
+    every step and epoch is logged once."""
+    lock = ckpt.RunFolderLock(out).acquire()
+    try:
+        ckpt.remove_stale_temporaries(out)
+        runlog.rewind(out, step, history)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
 
 
 def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
@@ -563,7 +579,12 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
     SIGINT / SIGTERM stop it at the next step boundary with a checkpoint (a second one stops at once)
     and raise `Interrupted`."""
     runtime = runtime or setup_runtime()
-    run = setup(config, resume, runtime)
+    with contextlib.closing(setup(config, resume, runtime)) as run:
+        return train_to_the_end(run, stop_at_step)
+
+
+def train_to_the_end(run: Run, stop_at_step: Optional[int]) -> Dict[str, object]:
+    config, runtime = run.config, run.runtime
     print0(runtime, f"training {run.space.name} supernet on {config.dataset}: {runtime.world} process(es), "
                     f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, amp={config.amp}; "
                     f"outputs in {config.out}")
@@ -594,32 +615,32 @@ def profile_training(config: TrainConfig, steps: int, resume: Optional[str] = No
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler library's own chatter (e.g. "no GPU") off
     runtime = runtime or setup_runtime()
-    run = setup(config, resume, runtime)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
-    first, target = run.step, min(run.total_steps, run.step + steps)
-    run.model.train()
-    with profile(activities=activities) as profiler:
-        began = time.perf_counter()
-        while run.step < target:
-            train_epoch(run, target, lambda: False)
-            if run.step % run.steps_per_epoch == 0 and run.epoch_sums:
-                end_epoch(run)
-        total_ms = (time.perf_counter() - began) * 1e3
-    done = max(1, run.step - first)
-    phases = dict.fromkeys(PROFILE_PHASES, 0.0)
-    for event in profiler.key_averages():
-        for phase, label in PROFILE_PHASES.items():
-            if event.key == label or (label.startswith("enumerate") and event.key.startswith(label)):
-                phases[phase] += event.cpu_time_total / 1e3 / done
-    phases["other"] = max(0.0, total_ms / done - sum(phases.values()))
-    if runtime.is_main:
-        trace = os.path.join(run.out, "profile_trace.json")
-        profiler.export_chrome_trace(trace)
-        lines = [f"profile of steps {first + 1}-{run.step} on {runtime.device.type} ({runtime.world} process(es)): "
-                 f"{total_ms / done:.1f} ms per step (wall clock, host side)"]
-        lines += [f"  {phase:<20} {ms:9.2f} ms  {100 * ms / (total_ms / done):5.1f}%" for phase, ms in phases.items()]
-        lines += [f"trace: {trace}", f"continue the run with: alphanet train --resume {run.out}"]
-        print("\n".join(lines), flush=True)
+    with contextlib.closing(setup(config, resume, runtime)) as run:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+        first, target = run.step, min(run.total_steps, run.step + steps)
+        run.model.train()
+        with profile(activities=activities) as profiler:
+            began = time.perf_counter()
+            while run.step < target:
+                train_epoch(run, target, lambda: False)
+                if run.step % run.steps_per_epoch == 0 and run.epoch_sums:
+                    end_epoch(run)
+            total_ms = (time.perf_counter() - began) * 1e3
+        done = max(1, run.step - first)
+        phases = dict.fromkeys(PROFILE_PHASES, 0.0)
+        for event in profiler.key_averages():
+            for phase, label in PROFILE_PHASES.items():
+                if event.key == label or (label.startswith("enumerate") and event.key.startswith(label)):
+                    phases[phase] += event.cpu_time_total / 1e3 / done
+        phases["other"] = max(0.0, total_ms / done - sum(phases.values()))
+        if runtime.is_main:
+            trace = os.path.join(run.out, "profile_trace.json")
+            profiler.export_chrome_trace(trace)
+            lines = [f"profile of steps {first + 1}-{run.step} on {runtime.device.type} ({runtime.world} process(es)): "
+                     f"{total_ms / done:.1f} ms per step (wall clock, host side)"]
+            lines += [f"  {phase:<20} {ms:9.2f} ms  {100 * ms / (total_ms / done):5.1f}%" for phase, ms in phases.items()]
+            lines += [f"trace: {trace}", f"continue the run with: alphanet train --resume {run.out}"]
+            print("\n".join(lines), flush=True)
     return phases
 
 
@@ -646,15 +667,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
 
     def run() -> None:
-        given = overrides(args)
-        if args.resume:
-            config = ckpt.config_for_resume(args.resume, given)
+        given, resume = overrides(args), args.resume
+        if resume:
+            config = ckpt.config_for_resume(resume, given)
         else:
             config = resolve_config(args.preset, args.config, given)
+            resume = ckpt.existing_run(config.out, to_dict(config))  # the same command again continues its run
+            if resume and int(os.environ.get("RANK", "0")) == 0:
+                print(f"{config.out} holds a checkpoint of these settings: continuing it", flush=True)
         if args.profile:
-            profile_training(config, args.profile, resume=args.resume)
+            profile_training(config, args.profile, resume=resume)
         else:
-            run_training(config, resume=args.resume)
+            run_training(config, resume=resume)
 
     run_command("alphanet train", run)
 

@@ -14,7 +14,7 @@ from supernet.config import resolve_config
 from supernet.evaluate import parse_widths
 from supernet.flops import count_with_hooks, flops_and_params
 from supernet.model import ElasticSupernet, StaticMBConv, extract
-from supernet.ops import make_divisible
+from supernet.space import make_divisible
 from supernet.space import (PUBLISHED_WIDTHS, SLIM_MBV1, SLIM_MBV1_DIGITS, SLIM_MBV2, SLIM_MBV2_DIGITS, SPACES,
                             TINY)
 

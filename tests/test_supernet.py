@@ -13,8 +13,8 @@ from torch import nn
 
 from supernet import ALPHANET, TINY, ElasticSupernet, count_with_hooks, extract, flops_and_params, mflops, recalibrate_bn
 from supernet.cli import main as cli_main
-from supernet.ops import (ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear,
-                          ElasticSqueezeExcite, se_width)
+from supernet.ops import ElasticBatchNorm2d, ElasticConv2d, ElasticDepthwiseConv2d, ElasticLinear, ElasticSqueezeExcite
+from supernet.space import se_width
 
 
 @pytest.fixture(scope="module")
