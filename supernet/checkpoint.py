@@ -15,21 +15,18 @@ from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
 
-from .config import TrainConfig, apply, from_saved, validate
+from .config import TrainConfig, apply, brief, from_saved, validate
 
 TEMPORARY_SUFFIX = ".partial"
 
 
-class _RecordingWriter(io.RawIOBase):
-    """A binary stream that remembers the OSError of a failed write: torch.save turns it into a
-    RuntimeError ("unexpected pos ..."), and the user should hear "No space left on device"."""
+class _RecordingWriter:
+    """A binary file that remembers the OSError of a failed write: torch.save turns it into a
+    RuntimeError ("unexpected pos ..."), and the user should hear "No space left on device". Everything
+    else (seek, tell, flush) is the file's own."""
 
     def __init__(self, stream: io.BufferedWriter):
-        super().__init__()
         self.stream, self.error = stream, None
-
-    def writable(self) -> bool:
-        return True
 
     def write(self, data) -> int:
         try:
@@ -37,6 +34,9 @@ class _RecordingWriter(io.RawIOBase):
         except OSError as error:
             self.error = error
             raise
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
 def atomic_write(path: str, data: Union[bytes, Callable[[io.BufferedWriter], None]]) -> None:
@@ -191,11 +191,13 @@ def load(path: str) -> Dict[str, object]:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as error:  # any failure to parse: truncated, empty, random bytes, not a torch file
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = brief(error)
         if reason.startswith("Weights only load failed"):
             reason = "it holds Python objects that a weights-only load refuses"
+        elif "central directory" in reason or isinstance(error, EOFError):
+            reason = "an incomplete file"
         size = os.path.getsize(file)
-        raise ValueError(f"{file!r} is not a readable checkpoint ({size} bytes; {reason[:160]}); it may be "
+        raise ValueError(f"{file!r} is not a readable checkpoint ({size} bytes, {reason}): it may be "
                          "truncated or not a checkpoint of `alphanet train`") from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
         hint = " (a checkpoint of the AlphaNet reference code? convert it: alphanet convert SRC DST)" \

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import math
 import typing
 from dataclasses import dataclass, field, fields
@@ -218,6 +219,10 @@ def validate(config: TrainConfig) -> None:
     if config.decode_on_device and config.dataset != "imagefolder":
         raise ValueError(f"config key 'decode_on_device' decodes image files: it needs dataset imagefolder, not "
                          f"{config.dataset!r}")
+    smallest = SPACES[config.space].total_stride
+    if config.image_size < smallest:
+        raise ValueError(f"config key 'image_size' must be at least {smallest} pixels for the {config.space} space "
+                         f"(its total stride), got {config.image_size}")
     if config.kd_temperature > MAX_TEMPERATURE:
         raise ValueError(f"config key 'kd_temperature' must be at most {MAX_TEMPERATURE:g}, got {config.kd_temperature}")
     if is_bundled(config.dataset) and config.space in IMAGENET_SPACES:
@@ -237,12 +242,26 @@ def from_saved(values: Dict[str, object], source: str) -> TrainConfig:
     return apply(TrainConfig(), values, source)
 
 
+STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
 def error_line(error: Exception) -> str:
-    """One line for a user: our own errors as written, the system's as `'path': reason`."""
+    """One line for a user: our own errors as written, the system's as `'path': reason` (with what to do
+    when the disk is full or read-only)."""
     if isinstance(error, OSError) and error.strerror:
         where = error.filename or "a file"
-        return f"cannot write or read {where!r}: {error.strerror}"
+        hint = (" (free space, or make the folder writable, then run the same command again: what was saved is "
+                "kept)") if error.errno in STORAGE_ERRORS else ""
+        return f"cannot write or read {where!r}: {error.strerror}{hint}"
     return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def brief(error: BaseException, limit: int = 120) -> str:
+    """The first sentence of a library's error message (PyTorch's run to several, and to internals), or
+    the exception's name when it has none."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    text = text.split(". ")[0].rstrip(".")
+    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import checkpoint as ckpt
-from .config import CommandLineParser, TrainConfig, apply, error_line, to_dict
+from .config import CommandLineParser, TrainConfig, apply, brief, error_line, to_dict
 from .model import ElasticSupernet
 from .space import ALPHANET, SearchSpace
 
@@ -85,7 +85,7 @@ def read_reference(path: str) -> Dict[str, object]:
         raise ValueError(f"{path!r} holds objects other than plain data ({detail[:200]}); refusing to unpickle "
                          "them") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as error:
-        raise ValueError(f"{path!r} is not a readable checkpoint ({str(error).splitlines()[0][:160]})") from None
+        raise ValueError(f"{path!r} is not a readable checkpoint ({brief(error)})") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path!r} is not a checkpoint dict")
     return state

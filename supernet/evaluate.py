@@ -2,8 +2,10 @@
 
 A subnet is extracted from the checkpoint's supernet as a static module, its BN statistics are
 re-estimated on `--calib-images` training images (always the same ones, in a fixed order, in batches
-of the run's batch size; default 16384, the reference evaluation's 64 batches of 256), and it is
-evaluated on a split: top-1, top-5 and loss, with its MFLOPs and parameters.
+of the run's batch size), and it is evaluated on a split: top-1, top-5 and loss, with its MFLOPs and
+parameters. The default calibration is sized to the data: 16384 images (the reference evaluation's 64
+batches of 256) for downloaded data sets, the run's own `calib_images` for the bundled digits; never
+more than the training split holds.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import checkpoint as ckpt
 from .calibration import recalibrate_bn
-from .config import CommandLineParser, TrainConfig, error_line
+from .config import CommandLineParser, TrainConfig, error_line, is_bundled
 from .data import EncodedBatch, load_splits, normalize_on_device, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
@@ -110,6 +112,12 @@ class TrainedSupernet:
             raise ValueError(f"unknown split {split!r}: choose from {', '.join(self.splits)}")
         return DataLoader(self.splits[split], batch_size=self.config.eval_batch_size, num_workers=self.config.workers)
 
+    def default_calib_images(self, reference: int = EVAL_CALIB_IMAGES) -> int:
+        """Calibration sized to the data: the reference's count for downloaded data sets, the run's own
+        `calib_images` for the bundled digits (about a thousand training images); at most the split."""
+        wanted = self.config.calib_images if is_bundled(self.config.dataset) else reference
+        return min(wanted, len(self.splits["train"]))
+
     def calibrated_subnet(self, arch: ArchConfig, calib_images: int) -> StaticSubnet:
         subnet = extract(self.model, arch)
         batches = calibration_loader(self.splits["train"], self.config.batch_size, self.config.seed,
@@ -118,8 +126,8 @@ class TrainedSupernet:
                        -(-calib_images // self.config.batch_size))
         return subnet.eval()
 
-    def evaluate(self, arch: ArchConfig, split: str = "val", calib_images: int = EVAL_CALIB_IMAGES) -> Dict[str, object]:
-        subnet = self.calibrated_subnet(arch, calib_images)
+    def evaluate(self, arch: ArchConfig, split: str = "val", calib_images: Optional[int] = None) -> Dict[str, object]:
+        subnet = self.calibrated_subnet(arch, calib_images or self.default_calib_images())
         metrics = classification_metrics(subnet, self.loader(split), torch.device("cpu"))
         flops, params = flops_and_params(self.space, arch)
         return {"arch": arch, "split": split, "mflops": flops / 1e6, "params": params, **metrics}
@@ -173,7 +181,7 @@ def parse_widths(text: str, space: SearchSpace) -> List[float]:
     return widths
 
 
-def evaluate_widths(trained: TrainedSupernet, widths: List[float], split: str, calib_images: int,
+def evaluate_widths(trained: TrainedSupernet, widths: List[float], split: str, calib_images: Optional[int],
                     out: Optional[str]) -> None:
     """Table 1 of the paper for a slimmable supernet: one row per width, and the JSON / CSV / PNG."""
     from tqdm import tqdm
@@ -202,8 +210,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="slimmable spaces: width multipliers low:high:step (e.g. 0.25:1.0:0.05), a comma list, "
                              "or all; prints one row per width (replaces --arch)")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
-    parser.add_argument("--calib-images", type=positive_int, default=EVAL_CALIB_IMAGES,
-                        help=f"training images for BN calibration (default {EVAL_CALIB_IMAGES}, as the reference)")
+    parser.add_argument("--calib-images", type=positive_int, default=None,
+                        help=f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the reference, "
+                             "the run's calib_images on the bundled digits; at most the training split)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:N")
     parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
     parser.add_argument("--out", default=None,

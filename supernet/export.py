@@ -22,11 +22,11 @@ from .data import normalize_on_device
 from .flops import flops_and_params
 
 
-def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: int = EVAL_CALIB_IMAGES,
+def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: Optional[int] = None,
                   width: Optional[float] = None) -> dict:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a folder")
-    subnet = trained.calibrated_subnet(arch, calib_images)
+    subnet = trained.calibrated_subnet(arch, calib_images or trained.default_calib_images())
     example = normalize_on_device(trained.splits["train"][0][0].unsqueeze(0).repeat(2, 1, 1, 1))
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(subnet, (example,), dynamic_shapes=({0: batch},))
@@ -49,8 +49,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
     add_arch_or_width(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--calib-images", type=positive_int, default=EVAL_CALIB_IMAGES,
-                        help=f"training images for BN calibration (default {EVAL_CALIB_IMAGES})")
+    parser.add_argument("--calib-images", type=positive_int, default=None,
+                        help=f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the reference, "
+                             "the run's calib_images on the bundled digits; at most the training split)")
     args = parser.parse_args(argv)
     try:
         trained = TrainedSupernet.load(args.checkpoint, args.data_path)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .config import brief
 from .model import ElasticSupernet, StaticSubnet, extract
 from .space import SPACES, get_space, load_arch
 
@@ -49,7 +50,7 @@ def exported(folder: str) -> StaticSubnet:
         raise ValueError(f"export:{folder}: {os.path.basename(error.filename)} is missing (expected the folder "
                          "written by alphanet export)") from None
     except (json.JSONDecodeError, RuntimeError, OSError) as error:
-        raise ValueError(f"export:{folder}: unreadable ({str(error).splitlines()[0][:120]})") from None
+        raise ValueError(f"export:{folder}: unreadable ({brief(error)})") from None
     names = [record["space"]] if "space" in record else list(SPACES)
     for name in names:
         space = dataclasses.replace(get_space(name), num_classes=record["num_classes"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -74,6 +75,12 @@ class SearchSpace:
     # gene whose base is None keeps its one width (MobileNetV2's 1280-channel head conv).
     width_range: Optional[Tuple[float, float]] = None
     base_widths: Optional[Tuple[Optional[int], ...]] = None
+
+    @property
+    def total_stride(self) -> int:
+        """Input pixels per pixel of the last feature map: below this image size the last stages see less
+        than one pixel of the image."""
+        return self.first_conv_stride * math.prod(stage.stride for stage in self.stages)
 
     # -- the choices per gene, in config order ---------------------------------------------------
     def choices(self) -> Dict[str, List[Tuple[int, ...]]]:

@@ -46,11 +46,11 @@ def test_eval_of_the_max_subnet_matches_the_trainers_last_validation(run_dir, tm
 def test_eval_random_subnets_and_bad_arch_file(run_dir, tmp_path):
     out = tmp_path / "random.json"
     cli_main(["eval", "--checkpoint", run_dir, "--arch", "random:2", "--split", "test", "--out", str(out)])
-    # default calibration: the reference's 16384 images, i.e. every training image of digits
+    # default calibration on the bundled digits: the run's own calib_images (not the reference's 16384)
     results = json.loads(out.read_text())
     assert len(results) == 2 and all(r["split"] == "test" for r in results)
     trained = TrainedSupernet.load(run_dir)
-    subnet = trained.calibrated_subnet(results[0]["arch"], 16384)  # independent recount of the same subnet
+    subnet = trained.calibrated_subnet(results[0]["arch"], trained.config.calib_images)  # an independent recount
     recount = classification_metrics(subnet, trained.loader("test"), torch.device("cpu"))
     assert recount["top1"] == results[0]["top1"]
     bad = tmp_path / "bad.json"
