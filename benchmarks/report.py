@@ -1,10 +1,11 @@
 """Results: one row per (case, provider); printed, and written as CSV, Markdown and a PNG plot."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 from dataclasses import asdict, dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 
 @dataclass
@@ -83,16 +84,38 @@ def markdown(rows: List[Row], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+OUTPUT_NAMES = ("results.csv", "results.md", "results.png")
+
+
+def output_paths(out_dir: str) -> List[str]:
+    return [os.path.join(out_dir, name) for name in OUTPUT_NAMES]
+
+
+@contextlib.contextmanager
+def replacing(path: str) -> Iterator[str]:
+    """A temporary path to write, renamed over `path` when the block succeeds (removed when it fails): a
+    run stopped at any moment leaves the previous file or the new one, whole."""
+    temporary = path + ".partial"
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+
+
 def write_outputs(rows: List[Row], out_dir: str, title: str) -> List[str]:
+    """CSV, Markdown and PNG of the rows so far; called after every case, each file replaced whole."""
     os.makedirs(out_dir, exist_ok=True)
-    csv_path, md_path, png_path = (os.path.join(out_dir, name) for name in ("results.csv", "results.md", "results.png"))
-    with open(csv_path, "w", newline="") as handle:
+    csv_path, md_path, png_path = output_paths(out_dir)
+    with replacing(csv_path) as temporary, open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
         writer.writeheader()
         writer.writerows(asdict(row) for row in rows)
-    with open(md_path, "w") as handle:
+    with replacing(md_path) as temporary, open(temporary, "w") as handle:
         handle.write(markdown(rows, title))
-    plot(rows, png_path, title)
+    with replacing(png_path) as temporary:
+        plot(rows, temporary, title)
     return [csv_path, md_path, png_path]
 
 
@@ -131,5 +154,5 @@ def plot(rows: List[Row], path: str, title: str) -> None:
         speed_axis.legend(fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=110, format="png")
     plt.close(figure)

@@ -18,8 +18,8 @@ from typing import Dict, List, Optional
 import torch
 
 from . import memory, report
-from .cases import (COMPILED_BASELINES, DEFAULT_DTYPE, DEFAULT_SHAPES, EAGER_BASELINES, LOG_SOFTMAX, MODES, Case,
-                    fastest, make_step, parse_shape, select_providers)
+from .cases import (COMPILED_BASELINES, DEFAULT_DTYPE, DEFAULT_SHAPES, EAGER_BASELINES, FULL_SHAPES, LOG_SOFTMAX, MODES,
+                    Case, fastest, make_step, parse_shape, select_providers)
 from .timing import copy_bandwidth_gbs, time_in_rounds
 
 
@@ -37,20 +37,25 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--shapes", nargs="+", default=None, help="NxC shapes (default: the device's set)")
+    parser.add_argument("--shapes", nargs="+", default=None,
+                        help="NxC shapes (default: the device's set; on CPU the quick one, see --full)")
+    parser.add_argument("--full", action="store_true",
+                        help="the larger set: 4096x32000 on CPU, and 8 s of timed calls per provider and case")
     parser.add_argument("--providers", nargs="+", default=None,
                         help="alphanet-eager, alphanet-compile, reference-eager, reference-compile, fused-cpu, "
                              "fused-cuda, fused-triton, 'liger-kl (alpha 1,1)', 'log_softmax (floor)' (default: all "
                              "available)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per provider and case (median)")
-    parser.add_argument("--budget", type=float, default=8.0,
-                        help="seconds of timed calls per provider and case; slow providers get fewer (>= 3)")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds of timed calls per provider and case; slow providers get fewer (>= 3) "
+                             "(default 2, with --full 8)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--out", default=None, help="results folder (default: results/<device>-<time>)")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
+    args.budget = args.budget if args.budget is not None else (8.0 if args.full else 2.0)
     if args.repeats < 3:
         parser.error("--repeats must be at least 3")
     if args.data_images < 2 * 32:
@@ -148,11 +153,15 @@ def main(argv: Optional[List[str]] = None) -> List[report.Row]:
         return run_fused_linear(args, dtype)
     if args.suite == "data":
         return run_data(args)
-    shapes = [parse_shape(text) for text in (args.shapes or DEFAULT_SHAPES[args.device])]
+    shapes = [parse_shape(text) for text in (args.shapes or (FULL_SHAPES if args.full else DEFAULT_SHAPES)[args.device])]
     providers = select_providers(args.providers, args.device)
     machine = machine_description(args.device)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out_dir = args.out or os.path.join("results", f"{args.device}-{stamp}")
+    print(f"results: {', '.join(report.output_paths(out_dir))} (rewritten after every case)", flush=True)
     copy_gbs = copy_bandwidth_gbs(args.device)
     print(f"{machine}\ncopy bandwidth {copy_gbs:.1f} GB/s; providers: {', '.join(providers)}")
+    title = f"fused_adaptive_kd, {str(dtype).removeprefix('torch.')}: {machine}; copy {copy_gbs:.1f} GB/s"
     rows: List[report.Row] = []
     try:
         from tqdm import tqdm
@@ -162,10 +171,8 @@ def main(argv: Optional[List[str]] = None) -> List[report.Row]:
     progress = tqdm(cases, desc="cases", unit="case") if tqdm else cases
     for case in progress:
         rows += run_case(case, providers, args, copy_gbs)
+        report.write_outputs(rows, out_dir, title)  # a stopped run keeps every finished case
     report.print_table(rows)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = args.out or os.path.join("results", f"{args.device}-{stamp}")
-    title = f"fused_adaptive_kd, {str(dtype).removeprefix('torch.')}: {machine}; copy {copy_gbs:.1f} GB/s"
-    for path in report.write_outputs(rows, out_dir, title):
+    for path in report.output_paths(out_dir):
         print(f"wrote {path}")
     return rows
