@@ -18,6 +18,8 @@ import torch
 from .config import TrainConfig, apply, brief, from_saved, validate
 
 TEMPORARY_SUFFIX = ".partial"
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)  # read once: files are created as open() would (mkstemp alone makes them private)
 
 
 class _RecordingWriter:
@@ -52,6 +54,7 @@ def atomic_write(path: str, data: Union[bytes, Callable[[io.BufferedWriter], Non
         raise OSError(error.errno, error.strerror, path) from None
     recorder = None
     try:
+        os.fchmod(handle, 0o666 & ~_UMASK)
         with os.fdopen(handle, "wb") as stream:
             if isinstance(data, bytes):
                 stream.write(data)
