@@ -23,9 +23,16 @@ from .cases import (COMPILED_BASELINES, DEFAULT_DTYPE, DEFAULT_SHAPES, EAGER_BAS
 from .timing import copy_bandwidth_gbs, time_in_rounds
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad arguments as one line (`python -m benchmarks: error: ...`), without the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(prog="python -m benchmarks", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=["loss", "fused-linear", "data"], default="loss",
                         help="loss: the KD loss on logits (default); fused-linear: projection + loss, chunked; "
                              "data: training images/s of the ImageNet input pipeline against the reference's")
