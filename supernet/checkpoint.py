@@ -118,12 +118,16 @@ class RunFolderLock:
     removed on release, with the folder when the lock created it and nothing else was written there."""
 
     def __init__(self, folder: str):
-        self.folder, self.path, self.handle, self.created = folder, os.path.join(folder, LOCK_FILE), None, False
+        self.folder, self.path, self.handle, self.created = folder, os.path.join(folder, LOCK_FILE), None, []
 
     def acquire(self) -> "RunFolderLock":
         """Create the folder if needed and take the lock; ValueError naming the holder when another
         process has it."""
-        self.created = not os.path.isdir(self.folder)
+        self.created = []  # the folders this lock makes (the run folder and any missing parents), deepest first
+        folder = os.path.abspath(self.folder)
+        while not os.path.isdir(folder):
+            self.created.append(folder)
+            folder = os.path.dirname(folder)
         os.makedirs(self.folder, exist_ok=True)
         while True:
             handle = open(self.path, "a+")
@@ -155,9 +159,11 @@ class RunFolderLock:
                 os.unlink(self.path)
             self.handle.close()  # closing drops the lock
             self.handle = None
-            if self.created:
-                with contextlib.suppress(OSError):  # fails, as it should, unless the folder is empty
-                    os.rmdir(self.folder)
+            for folder in self.created:
+                try:
+                    os.rmdir(folder)  # fails, as it should, once a folder holds anything
+                except OSError:
+                    break
 
     def __enter__(self) -> "RunFolderLock":
         return self.acquire()

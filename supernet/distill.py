@@ -222,6 +222,8 @@ def distill_run(config: DistillConfig, resume: Optional[str], stop_at_step: Opti
     """`run_distill`; the run folder's lock is held by `held`."""
     state = ckpt.load(resume) if resume else None
     config.out = ckpt.run_folder(config.out, resume, f"distill-{config.dataset}")
+    if runtime.is_main:  # one process per run folder, until `held` closes (a failure below releases it)
+        held.enter_context(ckpt.RunFolderLock(config.out))
     splits = load_splits(config.dataset, config.data_path, config.image_size)
     classes = num_classes(config.dataset, splits)
     sampler = DistributedSampler(splits["train"], runtime.world, runtime.rank, shuffle=True, seed=config.seed,
@@ -234,8 +236,7 @@ def distill_run(config: DistillConfig, resume: Optional[str], stop_at_step: Opti
     student = models.build(config.student, classes, config.seed, config.data_path or None).to(runtime.device)
     trained_here = (config.teacher or default_teacher(config)).startswith("arch:")
     teacher = None if config.kd == "none" or trained_here else load_teacher(config, classes, runtime)
-    if runtime.is_main:  # one process per run folder, until `held` closes
-        held.enter_context(ckpt.RunFolderLock(config.out))
+    if runtime.is_main:
         ckpt.remove_stale_temporaries(config.out)
     if config.kd != "none" and trained_here:
         teacher = load_teacher(config, classes, runtime)

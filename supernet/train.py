@@ -364,13 +364,31 @@ class Run:
 
 
 def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
-    """Data, model and optimizer, checked before the run folder is created; then the folder, or the
-    resumed run's state with its logs cut back to its checkpoint."""
+    """The run folder locked first (a second process on it stops within seconds), then data, model and
+    optimizer, or the resumed run's state; then the folder cleaned and its logs cut back to the
+    checkpoint (to nothing on a fresh start), so every step and epoch is logged once. A failure
+    releases the lock, and removes the folder if the lock created it."""
     state = ckpt.load(resume) if resume else None
     if state is not None and "optimizer" not in state:
         raise ValueError(f"{resume!r} holds supernet weights only (converted from the reference code); "
                          "it cannot be resumed, only evaluated, searched and exported")
     config.out = ckpt.run_folder(config.out, resume, config.dataset)
+    lock = ckpt.RunFolderLock(config.out).acquire() if runtime.is_main else None
+    try:
+        run = build_run(config, state, runtime)
+        if lock is not None:
+            ckpt.remove_stale_temporaries(config.out)
+            runlog.rewind(config.out, run.step, run.history)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def build_run(config: TrainConfig, state: Optional[Dict[str, object]], runtime: Runtime) -> Run:
+    """Data, model, optimizer and schedule of a run, with a checkpoint's `state` restored."""
     splits = load_splits(config.dataset, config.data_path, config.image_size)
     space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
     sampler = DistributedSampler(splits["train"], runtime.world, runtime.rank, shuffle=True, seed=config.seed,
@@ -404,22 +422,7 @@ def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> Run:
         ckpt.restore_rng(state["rng"])
         run.step, run.history = state["step"], state["history"]
         run.epoch_sums, run.skipped = state.get("epoch_sums", {}), state.get("skipped", 0)
-    run.lock = claim_run_folder(config.out, run.step, run.history) if runtime.is_main else None
     return run
-
-
-def claim_run_folder(out: str, step: int, history: List[Dict[str, float]]) -> ckpt.RunFolderLock:
-    """Create the run folder and lock it (one process per folder); then remove what a killed writer left
-    and cut the logs back to the checkpoint's `step` and `history` (to nothing on a fresh start), so
-    every step and epoch is logged once."""
-    lock = ckpt.RunFolderLock(out).acquire()
-    try:
-        ckpt.remove_stale_temporaries(out)
-        runlog.rewind(out, step, history)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
 
 
 def train_epoch(run: Run, stop_at_step: Optional[int], stop_requested) -> None:
