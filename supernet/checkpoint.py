@@ -180,8 +180,8 @@ def existing_run(out: str, settings: Dict[str, object]) -> Optional[str]:
     if not out or not os.path.exists(os.path.join(out, "checkpoint.pt")):
         return None
     saved = load(out)["config"]
-    for name, value in settings.items():
-        if name != "out" and saved.get(name) != value:
+    for name, value in settings.items():  # where it runs is not part of what it is
+        if name not in ("out", "device") and saved.get(name, value) != value:
             raise ValueError(f"--out {out!r} holds a run with other settings ({name}: {saved.get(name)!r} there, "
                              f"{value!r} now); continue it with --resume {out} (keys given with it override), "
                              "or choose another --out")

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import errno
 import math
+import re
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional
@@ -59,6 +60,7 @@ class TrainConfig:
     warmup_epochs: int = key(2, "optimisation", "linear LR warm-up from 0.001x, then cosine")
     grad_clip_value: float = key(1.0, "optimisation", "clip of each gradient element (0: off)")
     max_nonfinite_steps: int = key(5, "optimisation", "consecutive non-finite steps before the run stops")
+    device: str = key("auto", "execution", "auto (the GPU when one is visible) | cpu | cuda | cuda:N")
     amp: str = key("off", "execution", "autocast: off | bf16 | fp16 (GPU only)")
     channels_last: bool = key(False, "execution", "channels-last memory format")
     workers: int = key(0, "execution", "data-loading worker processes")
@@ -187,7 +189,11 @@ def resolve_config(preset: str = "digits", yaml_path: Optional[str] = None,
 
 
 def check_ranges(config, choices: Dict[str, tuple], positive=(), non_negative=(), fractions=()) -> None:
-    """ValueError naming the first key out of its choices or range, or not finite."""
+    """ValueError naming the first key out of its choices or range, or not finite (and a `device` key that
+    names no device)."""
+    device = getattr(config, "device", "auto")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ValueError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
     for name, allowed in choices.items():
         if getattr(config, name) not in allowed:
             raise ValueError(f"config key {name!r} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}")

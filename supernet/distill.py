@@ -37,9 +37,9 @@ from .data import load_splits, num_classes
 from .calibration import recalibrate_bn
 from .evaluate import calibration_loader, classification_metrics, to_device
 from .report import plot_curves
-from .train import (Interrupted, Runtime, StepGuard, _progress, all_reduce_gradients, flush_steps,
-                    load_optimizer, lr_factor, make_autocast, make_optimizer, print0, run_command, seed_step,
-                    setup_runtime, stop_requests)
+from .runtime import Runtime, make_autocast, print0, setup_runtime
+from .train import (Interrupted, StepGuard, _progress, all_reduce_gradients, flush_steps, load_optimizer, lr_factor,
+                    make_optimizer, run_command, seed_step, stop_requests)
 
 
 @dataclass
@@ -69,6 +69,7 @@ class DistillConfig:
     weight_decay: float = key(1e-5, "optimisation", "weight decay (not on BN parameters and biases)")
     warmup_epochs: int = key(2, "optimisation", "linear LR warm-up from 0.001x, then cosine")
     max_nonfinite_steps: int = key(5, "optimisation", "consecutive non-finite steps before the run stops")
+    device: str = key("auto", "execution", "auto (the GPU when one is visible) | cpu | cuda | cuda:N")
     amp: str = key("off", "execution", "autocast: off | bf16 | fp16 (GPU only)")
     channels_last: bool = key(False, "execution", "channels-last memory format")
     workers: int = key(0, "execution", "data-loading worker processes")
@@ -214,7 +215,7 @@ def calibrate(model: torch.nn.Module, split: Dataset, config: DistillConfig, run
 def run_distill(config: DistillConfig, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
                 runtime: Optional[Runtime] = None, role: str = "student") -> Dict[str, object]:
     with contextlib.ExitStack() as held:
-        return distill_run(config, resume, stop_at_step, runtime or setup_runtime(), role, held)
+        return distill_run(config, resume, stop_at_step, runtime or setup_runtime(config.device), role, held)
 
 
 def distill_run(config: DistillConfig, resume: Optional[str], stop_at_step: Optional[int], runtime: Runtime,
@@ -232,7 +233,7 @@ def distill_run(config: DistillConfig, resume: Optional[str], stop_at_step: Opti
     if steps_per_epoch == 0:
         raise ValueError(f"config key 'batch_size' ({config.batch_size}) exceeds the {len(sampler)} training "
                          "images per process")
-    autocast = make_autocast(config, runtime)
+    autocast = make_autocast(config.amp, runtime)
     student = models.build(config.student, classes, config.seed, config.data_path or None).to(runtime.device)
     trained_here = (config.teacher or default_teacher(config)).startswith("arch:")
     teacher = None if config.kd == "none" or trained_here else load_teacher(config, classes, runtime)

@@ -27,6 +27,7 @@ from .config import CommandLineParser, TrainConfig, error_line, is_bundled
 from .data import EncodedBatch, load_splits, normalize_on_device, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
+from .runtime import DEVICES, resolve_device
 from .space import ArchConfig, SearchSpace, get_space, load_arch
 
 EVAL_CALIB_IMAGES = 64 * 256  # the reference's evaluation: 64 batches of 256 images
@@ -96,16 +97,18 @@ class TrainedSupernet:
     space: SearchSpace
     config: TrainConfig
     splits: Dict[str, Dataset]
+    device: torch.device = torch.device("cpu")  # where subnets are calibrated and evaluated
 
     @classmethod
-    def load(cls, checkpoint: str, data_path: Optional[str] = None) -> "TrainedSupernet":
-        """The checkpoint's supernet and data (`data_path` replaces the run's data folder)."""
+    def load(cls, checkpoint: str, data_path: Optional[str] = None,
+             device: torch.device = torch.device("cpu")) -> "TrainedSupernet":
+        """The checkpoint's supernet (on `device`) and data (`data_path` replaces the run's data folder)."""
         config = ckpt.config_for_resume(checkpoint, {"data_path": data_path} if data_path else None)
         splits = load_splits(config.dataset, config.data_path, config.image_size)
         space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
         model = ElasticSupernet(space)
         load_weights(model, ckpt.load(checkpoint)["model"], checkpoint)
-        return cls(model.eval(), space, config, splits)
+        return cls(model.to(device).eval(), space, config, splits, device)
 
     def loader(self, split: str) -> DataLoader:
         if split not in self.splits:
@@ -122,13 +125,13 @@ class TrainedSupernet:
         subnet = extract(self.model, arch)
         batches = calibration_loader(self.splits["train"], self.config.batch_size, self.config.seed,
                                      self.config.workers)
-        recalibrate_bn(subnet, (normalize_on_device(images) for images, _ in batches),
+        recalibrate_bn(subnet, (normalize_on_device(images.to(self.device)) for images, _ in batches),
                        -(-calib_images // self.config.batch_size))
         return subnet.eval()
 
     def evaluate(self, arch: ArchConfig, split: str = "val", calib_images: Optional[int] = None) -> Dict[str, object]:
         subnet = self.calibrated_subnet(arch, calib_images or self.default_calib_images())
-        metrics = classification_metrics(subnet, self.loader(split), torch.device("cpu"))
+        metrics = classification_metrics(subnet, self.loader(split), self.device)
         flops, params = flops_and_params(self.space, arch)
         return {"arch": arch, "split": split, "mflops": flops / 1e6, "params": params, **metrics}
 
@@ -215,11 +218,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "the run's calib_images on the bundled digits; at most the training split)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:N")
     parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where subnets are calibrated and evaluated")
     parser.add_argument("--out", default=None,
                         help="JSON file for the results (default: print only); with --widths also .csv and .png")
     args = parser.parse_args(argv)
     try:
-        trained = TrainedSupernet.load(args.checkpoint, args.data_path)
+        device = resolve_device(args.device)
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path, device)
         if args.widths is not None:
             return evaluate_widths(trained, parse_widths(args.widths, trained.space), args.split, args.calib_images,
                                    args.out)

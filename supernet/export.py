@@ -20,6 +20,7 @@ from .config import CommandLineParser, error_line
 from .evaluate import EVAL_CALIB_IMAGES, TrainedSupernet, classification_metrics, positive_int
 from .data import normalize_on_device
 from .flops import flops_and_params
+from .runtime import DEVICES, resolve_device
 
 
 def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: Optional[int] = None,
@@ -27,11 +28,12 @@ def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: Option
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a folder")
     subnet = trained.calibrated_subnet(arch, calib_images or trained.default_calib_images())
+    metrics = classification_metrics(subnet, trained.loader("val"), trained.device)
+    subnet = subnet.cpu()  # calibrated where the supernet is; exported for any machine
     example = normalize_on_device(trained.splits["train"][0][0].unsqueeze(0).repeat(2, 1, 1, 1))
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.export.export(subnet, (example,), dynamic_shapes=({0: batch},))
     flops, params = flops_and_params(trained.space, arch)
-    metrics = classification_metrics(subnet, trained.loader("val"), torch.device("cpu"))
     record = {"arch": arch, "mflops": flops / 1e6, "params": params, "val_top1": metrics["top1"],
               "input_shape": list(example.shape[1:]), "num_classes": trained.space.num_classes,
               "space": trained.space.name, **({"width_mult": width} if width is not None else {})}
@@ -52,9 +54,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--calib-images", type=positive_int, default=None,
                         help=f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the reference, "
                              "the run's calib_images on the bundled digits; at most the training split)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where the subnet is calibrated and evaluated")
     args = parser.parse_args(argv)
     try:
-        trained = TrainedSupernet.load(args.checkpoint, args.data_path)
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path, resolve_device(args.device))
         record = export_subnet(trained, arch_or_width(args, trained.space), args.out, args.calib_images, args.width)
     except (ValueError, OSError) as error:
         raise SystemExit(f"alphanet export: {error_line(error)}") from None

@@ -30,6 +30,7 @@ from .calibration import recalibrate_bn
 from .config import DATASETS, CommandLineParser, error_line
 from .data import load_splits, normalize_on_device, num_classes
 from .evaluate import classification_metrics
+from .runtime import DEVICES, resolve_device
 
 
 CALIBRATION_BATCHES = 8
@@ -59,10 +60,11 @@ def new_head(model: nn.Module, classes: int, dropout: float = 0.5) -> nn.Module:
 
 
 def fit(model: nn.Module, train: Dataset, epochs: int, lr: float, weight_decay: float, batch_size: int,
-        seed: int) -> nn.Module:
+        seed: int, device: torch.device = torch.device("cpu")) -> nn.Module:
     """SGD-Nesterov with label smoothing 0.1 and a cosine LR, then BN recalibration; returns the model in
     eval mode."""
     torch.manual_seed(seed)
+    model = model.to(device)
     decay = [p for p in model.parameters() if p.ndim > 1]
     rest = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
@@ -74,21 +76,23 @@ def fit(model: nn.Module, train: Dataset, epochs: int, lr: float, weight_decay: 
     model.train()
     for _ in range(epochs):
         for images, labels in loader:
-            F.cross_entropy(model(normalize_on_device(images)), torch.as_tensor(labels), label_smoothing=0.1).backward()
+            logits = model(normalize_on_device(images.to(device)))
+            F.cross_entropy(logits, torch.as_tensor(labels).to(device), label_smoothing=0.1).backward()
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
     # BN statistics of the final weights (a short fine-tuning's running averages lag behind them)
-    recalibrate_bn(model, (normalize_on_device(images) for images, _ in loader), CALIBRATION_BATCHES)
+    recalibrate_bn(model, (normalize_on_device(images.to(device)) for images, _ in loader), CALIBRATION_BATCHES)
     return model.eval()
 
 
-def top1(model: nn.Module, split: Dataset, batch_size: int = 256) -> float:
-    return classification_metrics(model, DataLoader(split, batch_size=batch_size), torch.device("cpu"))["top1"]
+def top1(model: nn.Module, split: Dataset, device: torch.device = torch.device("cpu"), batch_size: int = 256) -> float:
+    return classification_metrics(model, DataLoader(split, batch_size=batch_size), device)["top1"]
 
 
 def finetune(base: nn.Module, train: Dataset, test: Dataset, classes: int, epochs: int, batch_size: int,
-             lrs: List[float], weight_decays: List[float], holdout: float, seed: int = 0) -> Dict[str, object]:
+             lrs: List[float], weight_decays: List[float], holdout: float, seed: int = 0,
+             device: torch.device = torch.device("cpu")) -> Dict[str, object]:
     """The hold-out grid search (when `holdout` > 0), then the final fine-tuning on all of `train`."""
     grid = []
     if holdout > 0 and len(lrs) * len(weight_decays) > 1:
@@ -96,16 +100,18 @@ def finetune(base: nn.Module, train: Dataset, test: Dataset, classes: int, epoch
         held = int(round(holdout * len(train)))
         fit_split, val_split = Subset(train, order[held:]), Subset(train, order[:held])
         for lr, weight_decay in itertools.product(lrs, weight_decays):
-            model = fit(new_head(copy.deepcopy(base), classes), fit_split, epochs, lr, weight_decay, batch_size, seed)
-            grid.append({"lr": lr, "weight_decay": weight_decay, "holdout_top1": top1(model, val_split)})
+            model = fit(new_head(copy.deepcopy(base), classes), fit_split, epochs, lr, weight_decay, batch_size, seed,
+                        device)
+            grid.append({"lr": lr, "weight_decay": weight_decay, "holdout_top1": top1(model, val_split, device)})
             print(f"hold-out: lr {lr:g} weight decay {weight_decay:g}: top-1 {grid[-1]['holdout_top1']:.1f}%",
                   flush=True)
         best = max(grid, key=lambda row: row["holdout_top1"])  # the first of equals
         lr, weight_decay = best["lr"], best["weight_decay"]
     else:
         lr, weight_decay = lrs[0], weight_decays[0]
-    model = fit(new_head(copy.deepcopy(base), classes), train, epochs, lr, weight_decay, batch_size, seed)
-    return {"grid": grid, "lr": lr, "weight_decay": weight_decay, "test_top1": top1(model, test), "model": model}
+    model = fit(new_head(copy.deepcopy(base), classes), train, epochs, lr, weight_decay, batch_size, seed, device)
+    return {"grid": grid, "lr": lr, "weight_decay": weight_decay, "test_top1": top1(model, test, device),
+            "model": model.cpu()}
 
 
 def _numbers(text: str, name: str) -> List[float]:
@@ -135,12 +141,14 @@ def main(argv: Optional[List[str]] = None) -> None:
                                                                    "(0: no search, the first values of the grids)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where the model is fine-tuned and evaluated")
     args = parser.parse_args(argv)
     if not 0 <= args.holdout < 1:
         parser.error("--holdout must be in [0, 1)")
     if args.epochs < 1 or args.batch_size < 1:
         parser.error("--epochs and --batch-size must be at least 1")
     try:
+        device = resolve_device(args.device)
         splits = load_splits(args.dataset, args.data_path, args.image_size)
         classes = list(range(num_classes(args.dataset, splits)))
         if args.classes:
@@ -157,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             raise ValueError(f"--out {args.out!r} is a file, not a folder")
         with ckpt.RunFolderLock(args.out):  # one process per output folder
             result = finetune(base, train, test, len(classes), args.epochs, args.batch_size, args.lr,
-                              args.weight_decay, args.holdout, args.seed)
+                              args.weight_decay, args.holdout, args.seed, device)
             model = result.pop("model")
             ckpt.atomic_write(os.path.join(args.out, "weights.pt"),
                               lambda stream: torch.save(model.state_dict(), stream))

@@ -28,6 +28,7 @@ from .config import CommandLineParser, error_line, is_bundled
 from .evaluate import TrainedSupernet, positive_int
 from .flops import mflops
 from .report import save_figure
+from .runtime import DEVICES, setup_runtime
 from .space import ArchConfig, load_arch
 
 # The reference's search: 512 / 128 / 128 / 20 in 200-1200 MFLOPs, 10-MFLOP buckets, 32 x 256 calibration
@@ -216,6 +217,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--include", nargs="+", default=[], metavar="ARCH",
                         help="archs to put in the initial population: published names (a0 ... a6, a5_1) or JSON files")
     parser.add_argument("--out", default=None, help="output folder (default: <run folder>/search)")
+    parser.add_argument("--device", default="auto",
+                        help=f"{DEVICES}: where candidates are evaluated (under torchrun: each process its own GPU)")
     args = parser.parse_args(argv)
     for name in ("mutations", "crossovers", "iterations"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
@@ -224,10 +227,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("--bucket-mflops must be positive")
     if not 0 <= args.mutation_prob <= 1:
         parser.error("--mutation-prob must be in [0, 1]")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
     try:
-        trained = TrainedSupernet.load(args.checkpoint, args.data_path)
+        runtime = setup_runtime(args.device)  # NCCL between GPUs, gloo between CPUs
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path, runtime.device)
         preset = PRESETS[args.preset or ("digits" if is_bundled(trained.config.dataset) else "imagenet")]
         sizes = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in preset}
         seeds = tuple(load_arch(text, trained.space) for text in args.include)
@@ -236,14 +238,13 @@ def main(argv: Optional[List[str]] = None) -> None:
                               seed=args.seed, seeds=seeds)
         run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
         out = args.out or os.path.join(run_dir, "search")
-        main_process = not dist.is_initialized() or dist.get_rank() == 0
-        with RunFolderLock(out) if main_process else contextlib.nullcontext():  # one search per folder
+        with RunFolderLock(out) if runtime.is_main else contextlib.nullcontext():  # one search per folder
             archive = EvolutionarySearch(trained, config, out).run()
-            if main_process:
+            if runtime.is_main:
                 write_outputs(archive, out)
     except (ValueError, OSError) as error:
         raise SystemExit(f"alphanet search: {error_line(error)}") from None
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if runtime.is_main:
         front = [archive[i] for i in sorted(pareto_front(archive), key=lambda i: archive[i]["mflops"])]
         for record in front:
             print(f"front: {record['mflops']:8.2f} MFLOPs  top-1 {record['top1']:.2f}%")

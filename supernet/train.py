@@ -43,40 +43,11 @@ from .evaluate import calibration_loader, classification_metrics, positive_int, 
 from .flops import flops_and_params
 from .model import ElasticSupernet
 from .report import plot_curves, summary_lines, width_table_lines, write_width_table
+from .runtime import Runtime, make_autocast, print0, setup_runtime
 from .space import ArchConfig, SearchSpace, get_space
 
 # ---------------------------------------------------------------------------------------------
 # Processes
-
-
-@dataclasses.dataclass
-class Runtime:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def setup_runtime() -> Runtime:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
-    return Runtime(rank, dist.get_world_size() if dist.is_initialized() else 1, device)
-
-
-def print0(runtime: Runtime, *args) -> None:
-    if runtime.is_main:
-        print(*args, flush=True)
 
 
 def seed_step(seed: int, rank: int, step: int) -> None:
@@ -283,15 +254,6 @@ def run_command(prog: str, run: Callable[[], object]) -> None:
             dist.destroy_process_group()
 
 
-def make_autocast(config: TrainConfig, runtime: Runtime):
-    if config.amp == "off":
-        return contextlib.nullcontext
-    dtype = torch.bfloat16 if config.amp == "bf16" else torch.float16
-    if config.amp == "fp16" and runtime.device.type != "cuda":
-        raise ValueError("--amp fp16 needs a GPU; use --amp bf16 on CPU")
-    return lambda: torch.autocast(runtime.device.type, dtype=dtype)
-
-
 # ---------------------------------------------------------------------------------------------
 # The run: setup, one epoch at a time, evaluation, finish
 
@@ -405,7 +367,7 @@ def build_run(config: TrainConfig, state: Optional[Dict[str, object]], runtime: 
     if steps_per_epoch == 0:
         raise ValueError(f"config key 'batch_size' ({config.batch_size}) exceeds the {len(sampler)} training "
                          "images per process")
-    autocast = make_autocast(config, runtime)
+    autocast = make_autocast(config.amp, runtime)
     torch.manual_seed(config.seed)  # the initial weights
     model = ElasticSupernet(space, config.dropout, config.drop_connect, config.bn_momentum).to(runtime.device)
     if config.channels_last:
@@ -581,7 +543,7 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
     """Train (or continue) a supernet; returns the final summary (or partial state when stopped early).
     SIGINT / SIGTERM stop it at the next step boundary with a checkpoint (a second one stops at once)
     and raise `Interrupted`."""
-    runtime = runtime or setup_runtime()
+    runtime = runtime or setup_runtime(config.device)
     with contextlib.closing(setup(config, resume, runtime)) as run:
         return train_to_the_end(run, stop_at_step)
 
@@ -617,7 +579,7 @@ def profile_training(config: TrainConfig, steps: int, resume: Optional[str] = No
     from torch.profiler import ProfilerActivity, profile
 
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler library's own chatter (e.g. "no GPU") off
-    runtime = runtime or setup_runtime()
+    runtime = runtime or setup_runtime(config.device)
     with contextlib.closing(setup(config, resume, runtime)) as run:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
         first, target = run.step, min(run.total_steps, run.step + steps)

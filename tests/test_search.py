@@ -108,3 +108,26 @@ def test_exported_program_runs_in_plain_torch_and_matches_the_extracted_subnet(r
     subprocess.run([sys.executable, "-c", script, str(out / "model.pt2"), str(tmp_path / "images.pt"),
                     str(tmp_path / "out.pt")], cwd=tmp_path, check=True, capture_output=True)
     assert (torch.load(tmp_path / "out.pt") - expected).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("command", ["eval", "search", "export"])
+def test_device_cpu_runs_and_a_missing_gpu_is_one_line_before_anything_is_written(command, run_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    argv = {"eval": ["--arch", "min", "--out", str(out)], "search": [*SEARCH, "--iterations", "0", "--out", str(out)],
+            "export": ["--arch", "min", "--out", str(out)]}[command]
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as stop:
+            cli_main([command, "--checkpoint", run_dir, *argv, "--device", "cuda"])
+        assert str(stop.value) == f"alphanet {command}: --device cuda: no CUDA device is visible (use --device cpu or auto)"
+        assert not out.exists()
+    cli_main([command, "--checkpoint", run_dir, *argv, "--device", "cpu"])
+    assert out.exists()
+
+
+def test_train_device_is_checked_before_the_run_folder_is_made(tmp_path):
+    with pytest.raises(SystemExit, match="config key 'device' must be auto, cpu, cuda or cuda:N, got 'gpu'"):
+        train.main(["--device", "gpu", "--out", str(tmp_path / "run")])
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="no CUDA device is visible"):
+            train.main(["--device", "cuda", "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
