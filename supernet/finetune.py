@@ -110,8 +110,7 @@ def finetune(base: nn.Module, train: Dataset, test: Dataset, classes: int, epoch
     else:
         lr, weight_decay = lrs[0], weight_decays[0]
     model = fit(new_head(copy.deepcopy(base), classes), train, epochs, lr, weight_decay, batch_size, seed, device)
-    return {"grid": grid, "lr": lr, "weight_decay": weight_decay, "test_top1": top1(model, test, device),
-            "model": model.cpu()}
+    return {"grid": grid, "lr": lr, "weight_decay": weight_decay, "test_top1": top1(model, test, device), "model": model}
 
 
 def _numbers(text: str, name: str) -> List[float]:
@@ -166,7 +165,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         with ckpt.RunFolderLock(args.out):  # one process per output folder
             result = finetune(base, train, test, len(classes), args.epochs, args.batch_size, args.lr,
                               args.weight_decay, args.holdout, args.seed, device)
-            model = result.pop("model")
+            model = result.pop("model").cpu()  # saved for any machine
             ckpt.atomic_write(os.path.join(args.out, "weights.pt"),
                               lambda stream: torch.save(model.state_dict(), stream))
             record = {**result, "model": args.model, "classes": classes, "epochs": args.epochs}

@@ -145,9 +145,9 @@ def test_holdout_search_picks_the_pair_with_the_best_validation_accuracy(monkeyp
 
     scores = {(0.1, 0.0): 50.0, (0.1, 1e-4): 80.0, (0.3, 0.0): 70.0, (0.3, 1e-4): 60.0}
     fitted = []
-    monkeypatch.setattr(finetune, "fit", lambda model, split, epochs, lr, wd, bs, seed: (fitted.append((lr, wd)),
-                                                                                          (model, lr, wd))[1])
-    monkeypatch.setattr(finetune, "top1", lambda fitted_model, split: scores[fitted_model[1:]]
+    monkeypatch.setattr(finetune, "fit", lambda model, split, epochs, lr, wd, bs, seed, device:
+                        (fitted.append((lr, wd)), (model, lr, wd))[1])
+    monkeypatch.setattr(finetune, "top1", lambda fitted_model, split, device: scores[fitted_model[1:]]
                         if isinstance(fitted_model, tuple) else 0.0)
     base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
     train = torch.utils.data.TensorDataset(torch.randn(50, 3, 8, 8), torch.randint(0, 3, (50,)))
