@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import math
 import re
+import sys
 import typing
 from dataclasses import dataclass, field, fields
 from typing import Dict, Optional
@@ -220,7 +221,7 @@ def validate(config: TrainConfig) -> None:
     if config.alpha_min > config.alpha_max:
         raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
     if not is_bundled(config.dataset) and not config.data_path:
-        raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path for train, --data-path for "
+        raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path; the same key for "
                          "eval / search / export)")
     if config.decode_on_device and config.dataset != "imagefolder":
         raise ValueError(f"config key 'decode_on_device' decodes image files: it needs dataset imagefolder, not "
@@ -275,21 +276,34 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
 
 
 class CommandLineParser(argparse.ArgumentParser):
-    """argparse with one-line errors (`alphanet train: error: ...`) instead of usage + error, and the
-    defaults in --help."""
+    """argparse with one-line errors (`alphanet train: error: ...`) instead of usage + error, the defaults
+    in --help, and both spellings of every option: options are declared (and shown) with underscores,
+    like the config keys and the YAML files, and `--some-key` is read as `--some_key`."""
 
     def __init__(self, *args, **kwargs):
         kwargs["formatter_class"] = HelpFormatter
         super().__init__(*args, allow_abbrev=False, **kwargs)  # --epoch is a typo, not --epochs
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        for index, word in enumerate(args):
+            if word == "--":
+                break
+            name, equals, value = word.partition("=")
+            spelled = "--" + name[2:].replace("-", "_")
+            if name.startswith("--") and name not in self._option_string_actions and \
+                    spelled in self._option_string_actions:
+                args[index] = spelled + equals + value
+        return super().parse_known_args(args, namespace)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, exclude=()) -> None:
-    """Every key of a config dataclass (but `exclude`) as `--key VALUE` (also `--key=VALUE`, dashes or
-    underscores), grouped in --help with its type, default and help. Values stay strings here;
-    `overrides` collects them."""
+    """Every key of a config dataclass (but `exclude`) as `--key VALUE` (also `--key=VALUE`; the parser
+    reads dashes as underscores), grouped in --help with its type, default and help. Values stay strings
+    here; `overrides` collects them."""
     cls = cls or TrainConfig
     types = field_types(cls)
     groups = dict.fromkeys(item.metadata["group"] for item in fields(cls))
@@ -299,10 +313,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, excl
             if item.metadata["group"] != group or item.name in exclude:
                 continue
             kind = types[item.name]
-            names = dict.fromkeys([f"--{item.name}", f"--{item.name.replace('_', '-')}"])
             default = item.default if item.default != "" else "''"
             extra = dict(nargs="?", const="true") if kind is bool else {}
-            section.add_argument(*names, dest=item.name, metavar=kind.__name__.upper(), default=argparse.SUPPRESS,
+            section.add_argument(f"--{item.name}", dest=item.name, metavar=kind.__name__.upper(), default=argparse.SUPPRESS,
                                  help=f"{item.metadata['help']} (default {default})", **extra)
 
 

@@ -137,11 +137,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="supernet checkpoint of the AlphaNet reference code (.pth.tar)")
     parser.add_argument("destination", help="checkpoint file to write (this project's format)")
-    parser.add_argument("--data-path", default="", help="ImageNet folder (train/, val/) for eval and search")
+    parser.add_argument("--data_path", default="", help="ImageNet folder (train/, val/) for eval and search")
     args = parser.parse_args(argv)
     try:
         state = convert(args.source, args.destination, args.data_path)
     except (ValueError, OSError) as error:
         raise SystemExit(f"alphanet convert: {error_line(error)}") from None
     print(f"converted {len(state['model'])} entries into {args.destination} (alphanet space, 1000 classes); "
-          f"evaluate with: alphanet eval --checkpoint {args.destination} --arch a0 --data-path IMAGENET_DIR")
+          f"evaluate with: alphanet eval --checkpoint {args.destination} --arch a0 --data_path IMAGENET_DIR")

@@ -1,7 +1,7 @@
 """Calibrated evaluation of subnets of a trained supernet, and `alphanet eval`.
 
 A subnet is extracted from the checkpoint's supernet as a static module, its BN statistics are
-re-estimated on `--calib-images` training images (always the same ones, in a fixed order, in batches
+re-estimated on `--calib_images` training images (always the same ones, in a fixed order, in batches
 of the run's batch size), and it is evaluated on a split: top-1, top-5 and loss, with its MFLOPs and
 parameters. The default calibration is sized to the data: 16384 images (the reference evaluation's 64
 batches of 256) for downloaded data sets, the run's own `calib_images` for the bundled digits; never
@@ -213,11 +213,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="slimmable spaces: width multipliers low:high:step (e.g. 0.25:1.0:0.05), a comma list, "
                              "or all; prints one row per width (replaces --arch)")
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
-    parser.add_argument("--calib-images", type=positive_int, default=None,
+    parser.add_argument("--calib_images", type=positive_int, default=None,
                         help=f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the reference, "
                              "the run's calib_images on the bundled digits; at most the training split)")
     parser.add_argument("--seed", type=int, default=0, help="seed of random:N")
-    parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
+    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
     parser.add_argument("--device", default="auto", help=f"{DEVICES}: where subnets are calibrated and evaluated")
     parser.add_argument("--out", default=None,
                         help="JSON file for the results (default: print only); with --widths also .csv and .png")

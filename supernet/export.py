@@ -48,10 +48,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet export", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
-    parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
+    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
     add_arch_or_width(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--calib-images", type=positive_int, default=None,
+    parser.add_argument("--calib_images", type=positive_int, default=None,
                         help=f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the reference, "
                              "the run's calib_images on the bundled digits; at most the training split)")
     parser.add_argument("--device", default="auto", help=f"{DEVICES}: where the subnet is calibrated and evaluated")

@@ -127,14 +127,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet finetune", description=__doc__)
     parser.add_argument("--model", required=True, help=f"the model: {models.SPEC_HELP}")
     parser.add_argument("--dataset", default="digits", choices=list(DATASETS))
-    parser.add_argument("--data-path", default="", help="folder of cifar10 / imagefolder data")
-    parser.add_argument("--image-size", type=int, default=32, help="image size of cifar10 / imagefolder")
+    parser.add_argument("--data_path", default="", help="folder of cifar10 / imagefolder data")
+    parser.add_argument("--image_size", type=int, default=32, help="image size of cifar10 / imagefolder")
     parser.add_argument("--classes", default=None, help="comma-separated class indices to keep (default: all)")
     parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--lr", type=lambda t: _numbers(t, "--lr"), default=[0.01, 0.03, 0.1],
                         help="LR, or a comma-separated grid for the hold-out search")
-    parser.add_argument("--weight-decay", type=lambda t: _numbers(t, "--weight-decay"), default=[1e-5, 1e-4],
+    parser.add_argument("--weight_decay", type=lambda t: _numbers(t, "--weight_decay"), default=[1e-5, 1e-4],
                         help="weight decay, or a grid")
     parser.add_argument("--holdout", type=float, default=0.2, help="fraction held out to choose LR and weight decay "
                                                                    "(0: no search, the first values of the grids)")
@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not 0 <= args.holdout < 1:
         parser.error("--holdout must be in [0, 1)")
     if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch-size must be at least 1")
+        parser.error("--epochs and --batch_size must be at least 1")
     try:
         device = resolve_device(args.device)
         splits = load_splits(args.dataset, args.data_path, args.image_size)

@@ -199,18 +199,18 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet search", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
-    parser.add_argument("--data-path", default=None, help="data folder (default: the run's)")
+    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="sizes: digits (default for a digits run) or imagenet (the reference's)")
     parser.add_argument("--population", type=positive_int, help="initial population (imagenet 512)")
     parser.add_argument("--mutations", type=int, help="children by mutation per iteration (imagenet 128)")
     parser.add_argument("--crossovers", type=int, help="children by crossover per iteration (imagenet 128)")
     parser.add_argument("--iterations", type=int, help="iterations after the initial population (imagenet 20)")
-    parser.add_argument("--bucket-mflops", type=float, help="width of the archive's FLOPs buckets (imagenet 10)")
-    parser.add_argument("--mutation-prob", type=float, default=0.2, help="probability of mutating each gene")
-    parser.add_argument("--min-mflops", type=float, help="FLOPs window (imagenet 200; digits: the min subnet's)")
-    parser.add_argument("--max-mflops", type=float, help="FLOPs window (imagenet 1200; digits: the max subnet's)")
-    parser.add_argument("--calib-images", type=positive_int,
+    parser.add_argument("--bucket_mflops", type=float, help="width of the archive's FLOPs buckets (imagenet 10)")
+    parser.add_argument("--mutation_prob", type=float, default=0.2, help="probability of mutating each gene")
+    parser.add_argument("--min_mflops", type=float, help="FLOPs window (imagenet 200; digits: the min subnet's)")
+    parser.add_argument("--max_mflops", type=float, help="FLOPs window (imagenet 1200; digits: the max subnet's)")
+    parser.add_argument("--calib_images", type=positive_int,
                         help="training images for BN calibration of each subnet (imagenet 8192, digits 256; at most "
                              "the training split)")
     parser.add_argument("--seed", type=int, default=0)
@@ -224,9 +224,9 @@ def main(argv: Optional[List[str]] = None) -> None:
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be 0 or more")
     if args.bucket_mflops is not None and not args.bucket_mflops > 0:
-        parser.error("--bucket-mflops must be positive")
+        parser.error("--bucket_mflops must be positive")
     if not 0 <= args.mutation_prob <= 1:
-        parser.error("--mutation-prob must be in [0, 1]")
+        parser.error("--mutation_prob must be in [0, 1]")
     try:
         runtime = setup_runtime(args.device)  # NCCL between GPUs, gloo between CPUs
         trained = TrainedSupernet.load(args.checkpoint, args.data_path, runtime.device)

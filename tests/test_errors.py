@@ -126,3 +126,20 @@ def test_python_constants_equal_the_cpp_header():
                         "General": str(c.BRANCH_GENERAL), "NegOne": str(c.BRANCH_NEG_ONE)}
     reductions = dict(re.findall(r"kReduction(None|Mean|Sum) = (\d)", header))
     assert reductions == {"None": str(c.REDUCTION_NONE), "Mean": str(c.REDUCTION_MEAN), "Sum": str(c.REDUCTION_SUM)}
+
+
+@pytest.mark.parametrize("command", ["train", "distill", "eval", "search", "export", "finetune", "convert", "ablate"])
+def test_every_command_shows_underscores_and_reads_dashes_as_underscores(command, capsys):
+    from supernet.cli import main as cli_main
+    from supernet.config import CommandLineParser
+
+    with pytest.raises(SystemExit):
+        cli_main([command, "--help"])
+    shown = capsys.readouterr().out
+    assert "--data_path" in shown or command == "ablate"
+    options = [word for word in shown.split() if word.startswith("--")]
+    assert not [word for word in options if "-" in word[2:].split("=")[0]], "an option shown with dashes"
+    parser = CommandLineParser(prog="x")
+    parser.add_argument("--data_path")
+    assert parser.parse_args(["--data-path", "a"]).data_path == "a"
+    assert parser.parse_args(["--data-path=b"]).data_path == "b"

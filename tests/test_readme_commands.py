@@ -127,7 +127,7 @@ RECIPES: Dict[str, Recipe] = {
     "alphanet ablate --preset digits --grid kd=none,kl,adaptive --seeds 0,1 --epochs 10":
         Recipe(" --seeds 0 --epochs 1 --jobs 2", writes=ABLATION_FILES),
     # Published models
-    "alphanet convert alphanet_pretrained.pth.tar alphanet.pt --data-path /data/imagenet":
+    "alphanet convert alphanet_pretrained.pth.tar alphanet.pt --data_path /data/imagenet":
         Recipe(needs=("imagenet", "reference_checkpoint"), writes=("alphanet.pt",)),
     "alphanet eval --checkpoint alphanet.pt --arch a0 --split val": Recipe(" --calib-images 64", needs=("converted",),
                                                                           prints="val top-1"),
