@@ -18,4 +18,19 @@ timeout 210 "$PYTHON" -m benchmarks --device cuda --shapes 256x1000 4096x16384 8
 echo "== benchmarks (fp32, forward+backward)"
 timeout 45 "$PYTHON" -m benchmarks --device cuda --dtype float32 --shapes 256x1000 --modes fwd+bwd --repeats 10 \
   --budget 3 --out "${OUT:-results}/gpu-check-fp32" 2>&1 | grep -v "^cases" | tail -8
+echo "== supernet on the GPU: a 1-epoch digits run, eval and a short search with --device cuda"
+if "$PYTHON" -c "import sklearn, yaml, tqdm, matplotlib, torchvision" 2>/dev/null; then
+  run="${OUT:-results}/gpu-check-digits"
+  rm -rf "$run"
+  for step in "train --epochs 1 --device cuda --out $run" \
+              "eval --checkpoint $run --arch random:4 --split test --device cuda" \
+              "search --checkpoint $run --iterations 1 --device cuda"; do
+    began=$(date +%s%N)
+    timeout 120 "$PYTHON" -m supernet.cli $step 2>&1 | grep -v "step/s" | tail -3
+    elapsed=$(( ($(date +%s%N) - began) / 1000000 ))
+    printf '   alphanet %s: %d.%03d s\n' "${step%% *}" $((elapsed / 1000)) $((elapsed % 1000))
+  done
+else
+  echo "   skipped: the supernet extra (scikit-learn, pyyaml, tqdm, matplotlib, torchvision) is not installed"
+fi
 echo "== total $(( $(date +%s) - start )) s"
