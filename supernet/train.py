@@ -550,9 +550,9 @@ def run_training(config: TrainConfig, resume: Optional[str] = None, stop_at_step
 
 def train_to_the_end(run: Run, stop_at_step: Optional[int]) -> Dict[str, object]:
     config, runtime = run.config, run.runtime
-    print0(runtime, f"training {run.space.name} supernet on {config.dataset}: {runtime.world} process(es) on {runtime.device}, "
-                    f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, amp={config.amp}; "
-                    f"outputs in {config.out}")
+    print0(runtime, f"training {run.space.name} supernet on {config.dataset}: {runtime.world} process(es) on "
+                    f"{runtime.device}, {run.steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, "
+                    f"amp={config.amp}; outputs in {config.out}")
     with stop_requests() as requested:
         run.model.train()
         while run.step < run.total_steps:
