@@ -23,7 +23,6 @@ DATASETS = (*DIGITS_SPLITS, "cifar10", "imagefolder")
 IMAGENET_SPACES = tuple(name for name, space in SPACES.items() if min(space.resolutions) >= 192)
 
 
-
 def is_bundled(dataset: str) -> bool:
     """Data that ships with the dependencies: no folder, no augmentation."""
     return dataset in DIGITS_SPLITS
@@ -260,14 +259,19 @@ def error_line(error: Exception) -> str:
         hint = (" (free space, or make the folder writable, then run the same command again: what was saved is "
                 "kept)") if error.errno in STORAGE_ERRORS else ""
         return f"cannot write or read {where!r}: {error.strerror}{hint}"
-    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return first_line(error)
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, or the exception's name when it has none."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def brief(error: BaseException, limit: int = 120) -> str:
     """The first sentence of a library's error message (PyTorch's run to several, and to internals), or
     the exception's name when it has none."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    text = text.split(". ")[0].rstrip(".")
+    text = first_line(error).split(". ")[0].rstrip(".")
     return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
 
 
