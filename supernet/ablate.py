@@ -36,12 +36,12 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .checkpoint import LOCK_FILE, RunFolderLock, atomic_write
-from .config import (CommandLineParser, TrainConfig, add_config_arguments, error_line, field_types, overrides,
+from .errors import CommandError, run_command
+from .config import (CommandLineParser, TrainConfig, add_config_arguments, field_types, overrides,
                      resolve_config, to_dict)
 
 BASELINE = {"kd": "kl"}
 PAIR_KEYS = {"alphas": ("alpha_min", "alpha_max")}
-ALIASES = {"temperature": "kd_temperature", "clip": "kd_clip"}
 QUICK_EPOCH_FRACTION = 3  # --quick trains a third of the preset's epochs
 
 Point = Tuple[Tuple[str, str], ...]  # ((grid key, value as written), ...)
@@ -57,7 +57,7 @@ def parse_grid(items: Sequence[str]) -> Dict[str, List[str]]:
     known = field_types(TrainConfig)
     for item in items:
         key, sep, values = item.partition("=")
-        key = ALIASES.get(key.strip().replace("-", "_"), key.strip().replace("-", "_"))
+        key = key.strip().replace("-", "_")
         if not sep or not values.strip():
             raise ValueError(f"--grid {item!r}: write KEY=V1,V2 (e.g. kd=none,kl,adaptive)")
         if key not in known and key not in PAIR_KEYS:
@@ -189,8 +189,8 @@ def train_command(plan: Plan, point: Point, seed: int, folder: str) -> List[str]
     return command
 
 
-class RunFailed(Exception):
-    pass
+class RunFailed(CommandError):
+    """A run of the ablation exited with an error (its log names it)."""
 
 
 def execute(plan: Plan, out: str, point: Point, seed: int, threads: int) -> Tuple[Dict[str, object], float]:
@@ -428,7 +428,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="ablation folder (default runs/ablation-<preset>-<digest of the command's settings>)")
     add_config_arguments(parser, exclude=("seed", "out"))  # set per run by --seeds and the ablation folder
     args = parser.parse_args(argv)
-    try:
+    def ablate() -> List[str]:
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
         fixed = {name: value for name, value in overrides(args).items() if name != "out"}  # --out: the ablation's
@@ -441,14 +441,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"{len(plan.points) * len(plan.seeds)} runs in {out} (baseline: {point_label(plan.baseline)})",
                   flush=True)
             results = run_all(plan, out, args.jobs)
-            rows = aggregate(plan, results)
-            paths = write_outputs(plan, out, rows, results)
-    except KeyboardInterrupt:
-        print("alphanet ablate: interrupted; finished runs are kept, rerun the same command to continue",
-              file=sys.stderr, flush=True)
-        raise SystemExit(130) from None
-    except (ValueError, OSError, RunFailed) as error:
-        raise SystemExit(f"alphanet ablate: {error_line(error)}") from None
+            return write_outputs(plan, out, aggregate(plan, results), results)
+
+    paths = run_command("alphanet ablate", ablate, kept="finished runs are kept, rerun the same command to continue")
     with open(paths[0]) as handle:
         print(handle.read())
     for path in paths:

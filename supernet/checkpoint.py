@@ -15,7 +15,7 @@ from typing import Callable, Dict, Iterator, Optional, Union
 
 import torch
 
-from .config import TrainConfig, apply, brief, from_saved, validate
+from .errors import brief
 
 TEMPORARY_SUFFIX = ".partial"
 _UMASK = os.umask(0o022)
@@ -213,14 +213,6 @@ def load(path: str) -> Dict[str, object]:
             if isinstance(state, dict) and "state_dict" in state else ""
         raise ValueError(f"{file!r} is not a checkpoint of `alphanet train`{hint}")
     return state
-
-
-def config_for_resume(path: str, overrides: Optional[Dict[str, object]] = None) -> TrainConfig:
-    """The run's saved config, with explicit overrides (e.g. more epochs) on top."""
-    config = from_saved(load(path)["config"], f"checkpoint {path!r}")
-    apply(config, overrides or {}, "the command line")
-    validate(config)
-    return config
 
 
 def capture_rng() -> Dict[str, object]:

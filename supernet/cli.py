@@ -30,6 +30,7 @@ def require_extra() -> None:
 
 
 def cmd_flops(args: argparse.Namespace) -> None:
+    from .config import arch_or_width
     from .flops import flops_and_params
     from .space import PUBLISHED, PUBLISHED_WIDTHS, get_space
 
@@ -47,25 +48,6 @@ def cmd_flops(args: argparse.Namespace) -> None:
           f"({space.name} space{width}, resolution {config['resolution']}{published})")
 
 
-def add_arch_or_width(parser: argparse.ArgumentParser) -> None:
-    """--arch NAME|FILE, or --width W for the slimmable spaces (one of them)."""
-    from .space import PUBLISHED
-
-    parser.add_argument("--arch", default=None,
-                        help=f"min, max, a published model ({', '.join(PUBLISHED)}), or a JSON arch config file")
-    parser.add_argument("--width", type=float, default=None,
-                        help="slimmable spaces (slim_mbv1, slim_mbv2, ...): the width multiplier, e.g. 0.25")
-
-
-def arch_or_width(args: argparse.Namespace, space):
-    """The arch config that --arch or --width names; ValueError when neither or both are given."""
-    from .space import load_arch
-
-    if (args.arch is None) == (args.width is None):
-        raise ValueError("give one of --arch and --width")
-    return load_arch(args.arch, space) if args.arch is not None else space.width_config(args.width)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     require_extra()
@@ -77,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             hint = " (rerun the same command to resume)" if argv[0] == "search" else ""
             print(f"alphanet {argv[0]}: interrupted{hint}", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
-    from .config import CommandLineParser
+    from .config import CommandLineParser, add_arch_or_width
     from .space import SPACES
 
     parser = CommandLineParser(prog="alphanet", description="AlphaNet supernet tools")

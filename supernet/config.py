@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import math
 import re
 import sys
@@ -33,25 +32,20 @@ def key(default, group: str, help: str):
     return field(default=default, metadata={"group": group, "help": help})
 
 
+def default_of(base: type, name: str, default):
+    """A key of `base` with another default, for a command whose recipe differs (same help, same place)."""
+    inherited = base.__dataclass_fields__[name]
+    return field(default=default, metadata=inherited.metadata)
+
+
 @dataclass
-class TrainConfig:
+class RunConfig:
+    """The keys of every training command (train, distill): data, optimisation, execution, outputs."""
+
     dataset: str = key("digits", "data", "digits | digits_lowdata (bundled, no download) | cifar10 | imagefolder")
     data_path: str = key("", "data", "folder of cifar10 / imagefolder data")
-    space: str = key("tiny", "data", "search space: alphanet | tiny | digits | slim_mbv1 | slim_mbv2 | "
-                                      "slim_mbv1_digits | slim_mbv2_digits")
     image_size: int = key(32, "data", "training crop / evaluation size of the images (pixels)")
-    num_random_subnets: int = key(2, "sandwich", "random subnets per step, besides the max and the min")
-    kd: str = key("adaptive", "sandwich", "students' loss: adaptive (alpha-divergence) | kl | none (labels)")
-    alpha_min: float = key(-1.0, "sandwich", "negative alpha of the adaptive KD")
-    alpha_max: float = key(1.0, "sandwich", "positive alpha of the adaptive KD")
-    kd_clip: float = key(5.0, "sandwich", "clip of the importance weight (p/q)^alpha, > 0")
-    kd_temperature: float = key(1.0, "sandwich", "temperature T of the KD: T^2 D(teacher_T, student_T), (0, 100]")
-    label_smoothing: float = key(0.1, "regularisation",
-                                 "label smoothing of the cross-entropy (max subnet; students with --kd none)")
-    dropout: float = key(0.0, "regularisation", "dropout before the classifier, max subnet only")
-    drop_connect: float = key(0.0, "regularisation", "drop-connect rate, max subnet only, last two stages")
-    bn_momentum: float = key(0.1, "regularisation",
-                             "momentum of the BN running statistics in training (0: never updated)")
+    label_smoothing: float = key(0.1, "optimisation", "label smoothing of the cross-entropy with the labels")
     epochs: int = key(30, "optimisation", "training epochs")
     batch_size: int = key(64, "optimisation", "images per process and step")
     lr_per_256: float = key(0.1, "optimisation", "SGD-Nesterov LR per 256 images of the global batch")
@@ -61,18 +55,42 @@ class TrainConfig:
     grad_clip_value: float = key(1.0, "optimisation", "clip of each gradient element (0: off)")
     max_nonfinite_steps: int = key(5, "optimisation", "consecutive non-finite steps before the run stops")
     device: str = key("auto", "execution", "auto (the GPU when one is visible) | cpu | cuda | cuda:N")
-    amp: str = key("off", "execution", "autocast: off | bf16 | fp16 (GPU only)")
+    amp: str = key("off", "execution", "autocast: off | bf16 | fp16 (GPU only; with a gradient scaler)")
     channels_last: bool = key(False, "execution", "channels-last memory format")
     workers: int = key(0, "execution", "data-loading worker processes")
     decode_on_device: bool = key(False, "execution", "imagefolder: training JPEGs decoded (nvJPEG) and augmented on "
                                                      "the GPU; the workers only read files")
     seed: int = key(0, "execution", "seed of the weights, data order, subnets and dropout")
-    calib_images: int = key(512, "outputs", "training images for BN calibration before each evaluation")
+    calib_images: int = key(512, "outputs", "training images that re-estimate the BN statistics before each "
+                                            "evaluation")
     eval_batch_size: int = key(256, "outputs", "batch size of evaluation")
     checkpoint_every: int = key(0, "outputs", "steps between mid-epoch checkpoints (0: end of epoch only)")
     log_every: int = key(20, "outputs", "steps between reads of the losses back to the host (steps.jsonl "
                                         "still gets every step; a GPU is not made to wait every step)")
     out: str = key("", "outputs", "run folder (default runs/<dataset>-<time>)")
+
+
+@dataclass
+class KDConfig(RunConfig):
+    """A training command that distills: the divergence and its parameters."""
+
+    kd: str = key("adaptive", "distillation", "students' loss: adaptive (alpha-divergence) | kl | none (labels)")
+    alpha_min: float = key(-1.0, "distillation", "negative alpha of the adaptive KD")
+    alpha_max: float = key(1.0, "distillation", "positive alpha of the adaptive KD")
+    kd_clip: float = key(5.0, "distillation", "clip of the importance weight (p/q)^alpha, > 0")
+    kd_temperature: float = key(1.0, "distillation", "temperature T of the KD: T^2 D(teacher_T, student_T), (0, 100]")
+
+
+@dataclass
+class TrainConfig(KDConfig):
+    """`alphanet train`: the supernet, the sandwich rule and its regularisation."""
+
+    space: str = key("tiny", "supernet", "search space: alphanet | tiny | digits | slim_mbv1 | slim_mbv2 | "
+                                         "slim_mbv1_digits | slim_mbv2_digits")
+    num_random_subnets: int = key(2, "supernet", "random subnets per step, besides the max and the min")
+    dropout: float = key(0.0, "supernet", "dropout before the classifier, max subnet only")
+    drop_connect: float = key(0.0, "supernet", "drop-connect rate, max subnet only, last two stages")
+    bn_momentum: float = key(0.1, "supernet", "momentum of the BN running statistics in training (0: never updated)")
 
 
 PRESETS: Dict[str, Dict[str, object]] = {
@@ -95,13 +113,34 @@ PRESETS: Dict[str, Dict[str, object]] = {
                      workers=4),
 }
 
-CHOICES = {"dataset": DATASETS, "space": tuple(SPACES),
-           "kd": ("adaptive", "kl", "none"), "amp": ("bf16", "fp16", "off")}
-POSITIVE = ("epochs", "batch_size", "calib_images", "eval_batch_size", "max_nonfinite_steps", "image_size",
-            "log_every", "lr_per_256", "kd_clip", "kd_temperature")
-NON_NEGATIVE = ("num_random_subnets", "warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay",
-                "grad_clip_value", "momentum")
-FRACTIONS = ("label_smoothing", "dropout", "drop_connect", "bn_momentum")  # in [0, 1)
+KD_CHOICES = ("adaptive", "kl", "none")
+
+
+def validate_run(config: RunConfig, choices=(), positive=(), non_negative=(), fractions=()) -> None:
+    """The checks of the keys every training command shares, plus a command's own; ValueError naming
+    the first bad key."""
+    check_ranges(config, {"dataset": DATASETS, "amp": ("bf16", "fp16", "off"), **dict(choices)},
+                 ("epochs", "batch_size", "eval_batch_size", "max_nonfinite_steps", "image_size", "log_every",
+                  "lr_per_256", *positive),
+                 ("warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay", "grad_clip_value",
+                  "momentum", "calib_images", *non_negative),
+                 ("label_smoothing", *fractions))
+    if not is_bundled(config.dataset) and not config.data_path:
+        raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path; the same key for "
+                         "eval / search / export)")
+    if config.decode_on_device and config.dataset != "imagefolder":
+        raise ValueError(f"config key 'decode_on_device' decodes image files: it needs dataset imagefolder, not "
+                         f"{config.dataset!r}")
+
+
+def validate_kd(config: KDConfig) -> None:
+    from alphadiv_kernels._constants import MAX_TEMPERATURE
+
+    check_ranges(config, {"kd": KD_CHOICES}, ("kd_clip", "kd_temperature"))
+    if config.alpha_min > config.alpha_max:
+        raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
+    if config.kd_temperature > MAX_TEMPERATURE:
+        raise ValueError(f"config key 'kd_temperature' must be at most {MAX_TEMPERATURE:g}, got {config.kd_temperature}")
 
 
 def field_types(cls: type = None) -> Dict[str, type]:
@@ -214,23 +253,13 @@ def check_ranges(config, choices: Dict[str, tuple], positive=(), non_negative=()
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError naming the first bad key: choices, ranges, finiteness and consistency."""
-    from alphadiv_kernels._constants import MAX_TEMPERATURE
-
-    check_ranges(config, CHOICES, POSITIVE, NON_NEGATIVE, FRACTIONS)
-    if config.alpha_min > config.alpha_max:
-        raise ValueError(f"config keys alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})")
-    if not is_bundled(config.dataset) and not config.data_path:
-        raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path; the same key for "
-                         "eval / search / export)")
-    if config.decode_on_device and config.dataset != "imagefolder":
-        raise ValueError(f"config key 'decode_on_device' decodes image files: it needs dataset imagefolder, not "
-                         f"{config.dataset!r}")
+    validate_run(config, {"space": tuple(SPACES)}, positive=("calib_images",), non_negative=("num_random_subnets",),
+                 fractions=("dropout", "drop_connect", "bn_momentum"))
+    validate_kd(config)
     smallest = SPACES[config.space].total_stride
     if config.image_size < smallest:
         raise ValueError(f"config key 'image_size' must be at least {smallest} pixels for the {config.space} space "
                          f"(its total stride), got {config.image_size}")
-    if config.kd_temperature > MAX_TEMPERATURE:
-        raise ValueError(f"config key 'kd_temperature' must be at most {MAX_TEMPERATURE:g}, got {config.kd_temperature}")
     if is_bundled(config.dataset) and config.space in IMAGENET_SPACES:
         raise ValueError(f"the {config.space} space is ImageNet-sized (224 pixels and more, 1000 classes); train digits "
                          "on the digits, tiny, slim_mbv1_digits or slim_mbv2_digits space")
@@ -238,6 +267,16 @@ def validate(config: TrainConfig) -> None:
 
 def to_dict(config) -> Dict[str, object]:
     return dataclasses.asdict(config)
+
+
+def config_for_resume(path: str, overrides: Optional[Dict[str, object]] = None) -> TrainConfig:
+    """A supernet run's saved config, with explicit overrides (e.g. more epochs) on top."""
+    from .checkpoint import load
+
+    config = from_saved(load(path)["config"], f"checkpoint {path!r}")
+    apply(config, overrides or {}, "the command line")
+    validate(config)
+    return config
 
 
 def from_saved(values: Dict[str, object], source: str) -> TrainConfig:
@@ -248,31 +287,11 @@ def from_saved(values: Dict[str, object], source: str) -> TrainConfig:
     return apply(TrainConfig(), values, source)
 
 
-STORAGE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-
-
-def error_line(error: Exception) -> str:
-    """One line for a user: our own errors as written, the system's as `'path': reason` (with what to do
-    when the disk is full or read-only)."""
-    if isinstance(error, OSError) and error.strerror:
-        where = error.filename or "a file"
-        hint = (" (free space, or make the folder writable, then run the same command again: what was saved is "
-                "kept)") if error.errno in STORAGE_ERRORS else ""
-        return f"cannot write or read {where!r}: {error.strerror}{hint}"
-    return first_line(error)
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message, or the exception's name when it has none."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def brief(error: BaseException, limit: int = 120) -> str:
-    """The first sentence of a library's error message (PyTorch's run to several, and to internals), or
-    the exception's name when it has none."""
-    text = first_line(error).split(". ")[0].rstrip(".")
-    return text if len(text) <= limit else text[:limit - 3].rstrip() + "..."
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -302,6 +321,25 @@ class CommandLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def add_arch_or_width(parser: argparse.ArgumentParser) -> None:
+    """--arch NAME|FILE, or --width W for the slimmable spaces (one of them)."""
+    from .space import PUBLISHED
+
+    parser.add_argument("--arch", default=None,
+                        help=f"min, max, a published model ({', '.join(PUBLISHED)}), or a JSON arch config file")
+    parser.add_argument("--width", type=float, default=None,
+                        help="slimmable spaces (slim_mbv1, slim_mbv2, ...): the width multiplier, e.g. 0.25")
+
+
+def arch_or_width(args: argparse.Namespace, space):
+    """The arch config that --arch or --width names; ValueError when neither or both are given."""
+    from .space import load_arch
+
+    if (args.arch is None) == (args.width is None):
+        raise ValueError("give one of --arch and --width")
+    return load_arch(args.arch, space) if args.arch is not None else space.width_config(args.width)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, exclude=()) -> None:

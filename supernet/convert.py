@@ -11,7 +11,6 @@ are data), and anything else that is not plain data is refused. Every parameter 
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import os
 import pickle
@@ -22,7 +21,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from . import checkpoint as ckpt
-from .config import CommandLineParser, TrainConfig, apply, brief, error_line, to_dict
+from .config import CommandLineParser, TrainConfig, apply, to_dict
+from .errors import brief, run_command
 from .model import ElasticSupernet
 from .space import ALPHANET, SearchSpace
 
@@ -133,15 +133,11 @@ def convert(source: str, destination: str, data_path: str = "") -> Dict[str, obj
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = CommandLineParser(prog="alphanet convert", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet convert", description=__doc__)
     parser.add_argument("source", help="supernet checkpoint of the AlphaNet reference code (.pth.tar)")
     parser.add_argument("destination", help="checkpoint file to write (this project's format)")
     parser.add_argument("--data_path", default="", help="ImageNet folder (train/, val/) for eval and search")
     args = parser.parse_args(argv)
-    try:
-        state = convert(args.source, args.destination, args.data_path)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"alphanet convert: {error_line(error)}") from None
+    state = run_command("alphanet convert", lambda: convert(args.source, args.destination, args.data_path))
     print(f"converted {len(state['model'])} entries into {args.destination} (alphanet space, 1000 classes); "
           f"evaluate with: alphanet eval --checkpoint {args.destination} --arch a0 --data_path IMAGENET_DIR")

@@ -7,7 +7,6 @@ this package, and takes any batch size of the training images' shape.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 from typing import List, Optional
@@ -15,19 +14,19 @@ from typing import List, Optional
 import torch
 
 from .checkpoint import atomic_write
-from .cli import add_arch_or_width, arch_or_width
-from .config import CommandLineParser, error_line
-from .evaluate import EVAL_CALIB_IMAGES, TrainedSupernet, classification_metrics, positive_int
+from .config import CommandLineParser, add_arch_or_width, arch_or_width
 from .data import normalize_on_device
+from .errors import run_command
+from .evaluate import add_evaluation_arguments, load_trained
+from .evaluation import TrainedSupernet, classification_metrics
 from .flops import flops_and_params
-from .runtime import DEVICES, resolve_device
 
 
 def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: Optional[int] = None,
                   width: Optional[float] = None) -> dict:
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"--out {out!r} is a file, not a folder")
-    subnet = trained.calibrated_subnet(arch, calib_images or trained.default_calib_images())
+    subnet = trained.calibrated_subnet(arch, calib_images)
     metrics = classification_metrics(subnet, trained.loader("val"), trained.device)
     subnet = subnet.cpu()  # calibrated where the supernet is; exported for any machine
     example = normalize_on_device(trained.splits["train"][0][0].unsqueeze(0).repeat(2, 1, 1, 1))
@@ -45,22 +44,18 @@ def export_subnet(trained: TrainedSupernet, arch, out: str, calib_images: Option
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = CommandLineParser(prog="alphanet export", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet export", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
-    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
     add_arch_or_width(parser)
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--calib_images", type=positive_int, default=None,
-                        help=f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the reference, "
-                             "the run's calib_images on the bundled digits; at most the training split)")
-    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where the subnet is calibrated and evaluated")
+    add_evaluation_arguments(parser)
     args = parser.parse_args(argv)
-    try:
-        trained = TrainedSupernet.load(args.checkpoint, args.data_path, resolve_device(args.device))
-        record = export_subnet(trained, arch_or_width(args, trained.space), args.out, args.calib_images, args.width)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"alphanet export: {error_line(error)}") from None
+
+    def export() -> dict:
+        trained = load_trained(args)
+        return export_subnet(trained, arch_or_width(args, trained.space), args.out, args.calib_images, args.width)
+
+    record = run_command("alphanet export", export)
     print(f"exported {record['mflops']:.2f} MFLOPs subnet (val top-1 {record['val_top1']:.2f}%) to {args.out}: "
           "arch.json, weights.pt, model.pt2")
 

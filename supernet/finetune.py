@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from . import checkpoint as ckpt
 from . import models
 from .calibration import recalibrate_bn
-from .config import DATASETS, CommandLineParser, error_line
+from .config import DATASETS, CommandLineParser
 from .data import load_splits, normalize_on_device, num_classes
-from .evaluate import classification_metrics
+from .errors import run_command
+from .evaluation import classification_metrics
 from .runtime import DEVICES, resolve_device
 
 
@@ -146,7 +147,8 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("--holdout must be in [0, 1)")
     if args.epochs < 1 or args.batch_size < 1:
         parser.error("--epochs and --batch_size must be at least 1")
-    try:
+
+    def work() -> dict:
         device = resolve_device(args.device)
         splits = load_splits(args.dataset, args.data_path, args.image_size)
         classes = list(range(num_classes(args.dataset, splits)))
@@ -170,8 +172,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                               lambda stream: torch.save(model.state_dict(), stream))
             record = {**result, "model": args.model, "classes": classes, "epochs": args.epochs}
             ckpt.atomic_write(os.path.join(args.out, "finetune.json"), json.dumps(record, indent=1).encode())
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"alphanet finetune: {error_line(error)}") from None
+        return result
+
+    result = run_command("alphanet finetune", work)
     print(f"chosen: lr {result['lr']:g}, weight decay {result['weight_decay']:g}")
     print(f"finetune test top-1: {result['test_top1']:.1f}%")
     print(f"wrote {os.path.join(args.out, 'finetune.json')} and weights.pt")

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import brief
+from .errors import brief
 from .model import ElasticSupernet, StaticSubnet, extract
 from .space import SPACES, get_space, load_arch
 
@@ -34,7 +34,7 @@ def fresh_subnet(space_name: str, arch_text: str, num_classes: int, seed: int) -
 
 
 def trained_subnet(run_dir: str, arch_text: str, data_path: Optional[str]) -> nn.Module:
-    from .evaluate import TrainedSupernet
+    from .evaluation import TrainedSupernet
 
     trained = TrainedSupernet.load(run_dir, data_path)
     return trained.calibrated_subnet(load_arch(arch_text, trained.space), trained.config.calib_images)

@@ -13,7 +13,6 @@ the state is saved; a killed search resumes from there.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -24,11 +23,13 @@ from typing import Dict, List, Optional, Tuple
 import torch.distributed as dist
 
 from .checkpoint import RunFolderLock, atomic_write
-from .config import CommandLineParser, error_line, is_bundled
-from .evaluate import TrainedSupernet, positive_int
+from .config import CommandLineParser, is_bundled, positive_int
+from .errors import run_command
+from .evaluate import add_evaluation_arguments
+from .evaluation import TrainedSupernet
 from .flops import mflops
 from .report import save_figure
-from .runtime import DEVICES, setup_runtime
+from .runtime import setup_runtime
 from .space import ArchConfig, load_arch
 
 # The reference's search: 512 / 128 / 128 / 20 in 200-1200 MFLOPs, 10-MFLOP buckets, 32 x 256 calibration
@@ -196,10 +197,8 @@ def write_outputs(archive: List[Dict[str, object]], out: str) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    parser = CommandLineParser(prog="alphanet search", description=__doc__,
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandLineParser(prog="alphanet search", description=__doc__)
     parser.add_argument("--checkpoint", required=True, help="checkpoint.pt or a run folder")
-    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="sizes: digits (default for a digits run) or imagenet (the reference's)")
     parser.add_argument("--population", type=positive_int, help="initial population (imagenet 512)")
@@ -210,15 +209,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--mutation_prob", type=float, default=0.2, help="probability of mutating each gene")
     parser.add_argument("--min_mflops", type=float, help="FLOPs window (imagenet 200; digits: the min subnet's)")
     parser.add_argument("--max_mflops", type=float, help="FLOPs window (imagenet 1200; digits: the max subnet's)")
-    parser.add_argument("--calib_images", type=positive_int,
-                        help="training images for BN calibration of each subnet (imagenet 8192, digits 256; at most "
-                             "the training split)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--include", nargs="+", default=[], metavar="ARCH",
                         help="archs to put in the initial population: published names (a0 ... a6, a5_1) or JSON files")
     parser.add_argument("--out", default=None, help="output folder (default: <run folder>/search)")
-    parser.add_argument("--device", default="auto",
-                        help=f"{DEVICES}: where candidates are evaluated (under torchrun: each process its own GPU)")
+    add_evaluation_arguments(parser, "training images for BN calibration of each subnet (imagenet 8192, digits 256; "
+                                     "at most the training split)")  # under torchrun: each process its own GPU
     args = parser.parse_args(argv)
     for name in ("mutations", "crossovers", "iterations"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
@@ -227,30 +223,28 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("--bucket_mflops must be positive")
     if not 0 <= args.mutation_prob <= 1:
         parser.error("--mutation_prob must be in [0, 1]")
-    try:
+
+    def search() -> None:
         runtime = setup_runtime(args.device)  # NCCL between GPUs, gloo between CPUs
-        trained = TrainedSupernet.load(args.checkpoint, args.data_path, runtime.device)
+        trained = TrainedSupernet.load(args.checkpoint, args.data_path, runtime.device, args.calib_batch_size)
         preset = PRESETS[args.preset or ("digits" if is_bundled(trained.config.dataset) else "imagenet")]
         sizes = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in preset}
         seeds = tuple(load_arch(text, trained.space) for text in args.include)
         sizes["calib_images"] = min(sizes["calib_images"], len(trained.splits["train"]))
-        config = SearchConfig(**sizes, mutation_prob=args.mutation_prob,
-                              seed=args.seed, seeds=seeds)
+        config = SearchConfig(**sizes, mutation_prob=args.mutation_prob, seed=args.seed, seeds=seeds)
         run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
         out = args.out or os.path.join(run_dir, "search")
         with RunFolderLock(out) if runtime.is_main else contextlib.nullcontext():  # one search per folder
             archive = EvolutionarySearch(trained, config, out).run()
             if runtime.is_main:
                 write_outputs(archive, out)
-    except (ValueError, OSError) as error:
-        raise SystemExit(f"alphanet search: {error_line(error)}") from None
-    if runtime.is_main:
-        front = [archive[i] for i in sorted(pareto_front(archive), key=lambda i: archive[i]["mflops"])]
-        for record in front:
-            print(f"front: {record['mflops']:8.2f} MFLOPs  top-1 {record['top1']:.2f}%")
-        print(f"wrote {os.path.join(out, 'pareto.json')} and {os.path.join(out, 'pareto.png')}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        if runtime.is_main:
+            front = [archive[i] for i in sorted(pareto_front(archive), key=lambda i: archive[i]["mflops"])]
+            for record in front:
+                print(f"front: {record['mflops']:8.2f} MFLOPs  top-1 {record['top1']:.2f}%")
+            print(f"wrote {os.path.join(out, 'pareto.json')} and {os.path.join(out, 'pareto.png')}")
+
+    run_command("alphanet search", search)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_grid_parses_keys_aliases_and_alpha_pairs():
-    grid = ablate.parse_grid(["kd=none,kl,adaptive", "temperature=1,2", "alphas=-1:1,-0.5:0.5"])
+    grid = ablate.parse_grid(["kd=none,kl,adaptive", "kd_temperature=1,2", "alphas=-1:1,-0.5:0.5"])
     assert grid == {"kd": ["none", "kl", "adaptive"], "kd_temperature": ["1", "2"], "alphas": ["-1:1", "-0.5:0.5"]}
     assert ablate.config_values((("alphas", "-0.5:0.5"), ("kd", "kl"))) == {"alpha_min": "-0.5", "alpha_max": "0.5",
                                                                            "kd": "kl"}

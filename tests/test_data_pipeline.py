@@ -102,7 +102,7 @@ def test_decode_on_device_reads_files_in_workers_and_decodes_in_to_device(jpeg_f
 
     from supernet import data, train
     from supernet.config import resolve_config
-    from supernet.evaluate import to_device
+    from supernet.evaluation import to_device
 
     root = tmp_path / "folder"
     shutil.copytree(jpeg_folder, root / "train")

@@ -21,7 +21,7 @@ QUICK = {"epochs": "2", "teacher_epochs": "2", "batch_size": "128"}
 @pytest.mark.parametrize("kd", ["adaptive", "kl"])
 @pytest.mark.parametrize("temperature", [1.0, 3.0])
 def test_the_loss_is_one_minus_beta_ce_plus_beta_t_squared_kd(gen, kd, temperature):
-    config = distill.resolve(values={"kd": kd, "temperature": str(temperature), "beta": "0.7"})
+    config = distill.resolve(values={"kd": kd, "kd_temperature": str(temperature), "beta": "0.7"})
     student, teacher = torch.randn(16, 10, generator=gen, dtype=torch.float64), torch.randn(16, 10, generator=gen,
                                                                                              dtype=torch.float64)
     labels = torch.randint(0, 10, (16,), generator=gen)
@@ -47,7 +47,7 @@ def distilled(tmp_path_factory):
 def test_distill_trains_the_default_teacher_first_and_reports_both(distilled, capsys):
     out, summary = distilled
     assert os.path.exists(os.path.join(out, "teacher", "summary.txt"))
-    assert 0 <= summary["student_test_top1"] <= 100 and summary["teacher_test_top1"] > 30
+    assert 0 <= summary["test_top1"] <= 100 and summary["test_teacher_top1"] > 30
     lines = open(os.path.join(out, "summary.txt")).read().splitlines()
     assert lines[0].startswith("student test top-1: ") and lines[1].startswith("teacher test top-1: ")
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import alphadiv_kernels as ak
 from supernet import ALPHANET, ElasticSupernet, mflops
 from supernet import model as model_module
-from supernet import train
+from supernet import engine, train
 from supernet.config import resolve_config
 from supernet.convert import convert_state_dict
 from supernet.search import EvolutionarySearch, SearchConfig, bucket_archive
@@ -97,8 +97,8 @@ def reference_lr_factor(step, warmup_steps, total_steps):
 def test_lr_schedule_equals_the_reference_formula():
     config = resolve_config("digits", overrides={"epochs": "10", "warmup_epochs": "2", "lr_per_256": "0.8"})
     model = torch.nn.Linear(2, 2)
-    optimizer = train.make_optimizer(model, config, 256)
-    schedule = train.make_schedule(optimizer, config, steps_per_epoch=7)
+    optimizer = engine.make_optimizer(model, config, 256)
+    schedule = engine.make_schedule(optimizer, config, steps_per_epoch=7)
     warmup, total = 14, 70
     seen = {}
     for step in range(total):

@@ -18,7 +18,8 @@ import alphadiv_kernels as ak
 from supernet import checkpoint as ckpt
 from supernet import runlog, train
 from supernet.cli import main as cli_main
-from supernet.config import TrainConfig, resolve_config
+from supernet.config import TrainConfig, config_for_resume, resolve_config
+from supernet.errors import NonFiniteLossError
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -102,7 +103,7 @@ def test_epoch_aggregates_cover_the_whole_epoch_after_a_resume(tmp_path):
     config = resolve_config("digits", overrides={"epochs": "1", "batch_size": "128", "num_random_subnets": "1",
                                                  "calib_images": "256", "out": str(tmp_path / "run")})
     assert train.run_training(config, stop_at_step=4)["stopped"]
-    train.run_training(ckpt.config_for_resume(config.out), resume=config.out)
+    train.run_training(config_for_resume(config.out), resume=config.out)
     steps = runlog.read_steps(config.out)
     (epoch,) = epochs_without_time(config.out)
     assert epoch["train_ce"] == pytest.approx(sum(r["ce"] for r in steps) / len(steps), rel=1e-12)
@@ -241,7 +242,7 @@ def test_non_finite_stop_does_not_name_a_checkpoint_that_does_not_exist(tmp_path
     original = train.sandwich_backward
     monkeypatch.setattr(train, "sandwich_backward", lambda *a, **k: {
         name: value * float("nan") for name, value in original(*a, **k).items()})
-    with pytest.raises(train.NonFiniteLossError, match="no checkpoint was written"):
+    with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
         train.run_training(config)
 
 

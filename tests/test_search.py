@@ -13,7 +13,7 @@ import alphadiv_kernels as ak
 from supernet import train
 from supernet.cli import main as cli_main
 from supernet.config import resolve_config
-from supernet.evaluate import TrainedSupernet, classification_metrics
+from supernet.evaluation import TrainedSupernet, classification_metrics
 from supernet.search import pareto_front
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")

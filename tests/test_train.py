@@ -17,8 +17,9 @@ import torch.multiprocessing as mp
 
 import alphadiv_kernels as ak
 from supernet import checkpoint as ckpt
-from supernet import train
-from supernet.config import resolve_config
+from supernet import engine, train
+from supernet.config import config_for_resume, resolve_config
+from supernet.errors import NonFiniteLossError
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +85,7 @@ def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_
     # the interrupted run loads with worker processes (one DataLoader kept across epochs): same batches
     interrupted = small_config(tmp_path, "interrupted", workers=str(workers))
     assert train.run_training(interrupted, stop_at_step=5)["stopped"]
-    train.run_training(ckpt.config_for_resume(interrupted.out), resume=interrupted.out)
+    train.run_training(config_for_resume(interrupted.out), resume=interrupted.out)
     expected, resumed = step_losses(straight.out), step_losses(interrupted.out)
     assert [r["step"] for r in resumed] == list(range(1, len(expected) + 1))
     assert resumed == expected  # ce, kd and lr of every step, exactly
@@ -127,7 +128,7 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_a_good_checkpoint(tmp_pa
         return losses
 
     monkeypatch.setattr(train, "sandwich_backward", poisoned)
-    with pytest.raises(train.NonFiniteLossError, match="3 steps in a row"):
+    with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
         train.run_training(config)
     state = ckpt.load(config.out)
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
@@ -158,7 +159,7 @@ def test_step_loop_reads_the_device_at_most_once_per_log_every_steps(tmp_path, m
 
     for name in HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    train.train_epoch(run, None, lambda: False)
+    engine.train_epoch(run, None, lambda: False)
     monkeypatch.undo()
     assert run.steps_per_epoch == 19 and run.step == 19
     assert len(reads) <= -(-19 // 5), reads  # steps 5, 10, 15 and the epoch's end
@@ -169,8 +170,8 @@ def test_step_loop_reads_the_device_at_most_once_per_log_every_steps(tmp_path, m
 def test_a_non_finite_step_changes_no_weight_and_no_momentum_and_a_streak_freezes_the_weights():
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     config = resolve_config("digits")
-    optimizer = train.make_optimizer(model, config, 256)
-    guard = train.StepGuard(limit=2, device=torch.device("cpu"))
+    optimizer = engine.make_optimizer(model, config, 256)
+    guard = engine.StepGuard(limit=2, device=torch.device("cpu"))
     snapshot = lambda: [t.clone() for t in [*model.parameters(), *(optimizer.state[p]["momentum_buffer"]  # noqa
                                                                    for p in model.parameters())]]
 
@@ -178,7 +179,7 @@ def test_a_non_finite_step_changes_no_weight_and_no_momentum_and_a_streak_freeze
         loss = model(torch.randn(8, 4)).square().mean()
         loss.backward()
         losses = {"ce": loss.detach() * (float("nan") if poison == "loss" else 1.0)}
-        flat = train.all_reduce_gradients(list(model.parameters()), train.Runtime(0, 1, torch.device("cpu")), losses)
+        flat = engine.all_reduce_gradients(list(model.parameters()), train.Runtime(0, 1, torch.device("cpu")), losses)
         if poison == "grad":
             flat[0] = float("inf")
         optimizer.found_inf = guard.check(list(losses), flat, number, 0.1)
@@ -228,7 +229,7 @@ def _distributed_worker(rank: int, world: int, port: int, results) -> None:
         subnets = train.sample_subnets(DIGITS, config.seed, step=11, count=2)
         runtime = train.Runtime(rank, world, torch.device("cpu"))
         scaler = torch.amp.GradScaler("cpu", enabled=False)
-        train.seed_step(config.seed, rank, 11)
+        engine.seed_step(config.seed, rank, 11)
         train.sandwich_backward(model, images[shard], labels[shard], subnets, config,
                                 __import__("contextlib").nullcontext, scaler)
         local = torch._utils._flatten_dense_tensors(
@@ -242,7 +243,7 @@ def _distributed_worker(rank: int, world: int, port: int, results) -> None:
 
         dist.all_reduce = counting_all_reduce
         try:
-            reduced = train.all_reduce_gradients(params, runtime, {"ce": torch.tensor(rank + 1.0)}).clone()
+            reduced = engine.all_reduce_gradients(params, runtime, {"ce": torch.tensor(rank + 1.0)}).clone()
         finally:
             dist.all_reduce = real_all_reduce
         gathered_subnets = [None] * world
@@ -271,11 +272,10 @@ def test_two_gloo_processes_sample_the_same_subnets_and_average_gradients_in_one
 
 def _calibrated_evaluation(rank: int, world: int):
     """calibrated_accuracy of one subnet of a fixed supernet, and its BN statistics afterwards."""
-    import contextlib
     import random
-    from types import SimpleNamespace
 
     from supernet.data import digits_splits
+    from supernet.evaluation import Calibration, calibrated_metrics, shard
     from supernet.model import ElasticSupernet
     from supernet.space import DIGITS
 
@@ -283,12 +283,14 @@ def _calibrated_evaluation(rank: int, world: int):
     config = resolve_config("digits", overrides={"calib_images": "200", "batch_size": "32", "eval_batch_size": "50"})
     torch.manual_seed(0)
     model = ElasticSupernet(DIGITS)
-    run = SimpleNamespace(config=config, runtime=train.Runtime(rank, world, torch.device("cpu")), model=model,
-                          splits=digits_splits(), autocast=contextlib.nullcontext)
+    splits = digits_splits()
+    loader = torch.utils.data.DataLoader(shard(splits["val"], rank, world), batch_size=config.eval_batch_size)
+    calibration = Calibration(splits["train"], config.calib_images, config.batch_size, config.seed)
     subnet = DIGITS.random_config(random.Random(3))
-    metrics = train.calibrated_accuracy(run, train.evaluation_loader(run, "val"), subnet)
+    metrics = calibrated_metrics(model, loader, calibration, train.Runtime(rank, world, torch.device("cpu")),
+                                 forward=lambda x: model(x, subnet))
     statistics = {name: buffer.clone() for name, buffer in model.named_buffers() if "running" in name}
-    return metrics, statistics, len(train.evaluation_loader(run, "val").dataset)
+    return metrics, statistics, len(loader.dataset)
 
 
 def _evaluation_worker(rank: int, world: int, port: int, results) -> None:
