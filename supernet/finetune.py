@@ -2,39 +2,67 @@
 
 The model (`--model export:DIR`, `supernet:RUN_DIR[:ARCH]` or `torchvision:NAME[:WEIGHTS]`) gets a new
 classifier for the new classes, behind dropout 0.5, and is fine-tuned with SGD (momentum 0.9,
-Nesterov, label smoothing 0.1, cosine LR), then its BN statistics are re-estimated on 8 training
-batches. With `--holdout 0.2`, 20% of the training split is held
-out, each (LR, weight decay) of the grid is fine-tuned on the rest and evaluated on it, and the best
-pair (by held-out top-1) is fine-tuned again on the whole training split; the test split is used
-once, at the end. `--classes 0,1,2` keeps a subset of the classes (relabelled 0..k-1).
-Outputs: `finetune.json` (the grid's results, the choice, the test top-1) and `weights.pt`.
+Nesterov, label smoothing 0.1, cosine LR), its BN statistics re-estimated before every evaluation.
+With `--holdout 0.2`, 20% of the training split is held out, each (LR, weight decay) of the grid is
+fine-tuned on the rest and evaluated on it, and the best pair (by held-out top-1) is fine-tuned again
+on the whole training split; the test split is used once, at the end. `--classes 0,1,2` keeps a
+subset of the classes (relabelled 0..k-1).
+
+Every fine-tuning is a run of the training engine (supernet/engine.py, as `alphanet train`): its own
+run folder with checkpoints, logs and curves (`OUT/holdout/lr=...,wd=.../`, then `OUT/final/`), exact
+resume, AMP, `--device`, torchrun. The same command again continues an interrupted fine-tuning and
+reads finished runs back instead of repeating them. Outputs: `finetune.json` (the grid's results, the
+choice, the test top-1) and `weights.pt` (the final model's state dict, on the CPU).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
 import os
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.profiler import record_function
+from torch.utils.data import Dataset, Subset
 
 from . import checkpoint as ckpt
-from . import models
-from .calibration import recalibrate_bn
-from .config import DATASETS, CommandLineParser
-from .data import load_splits, normalize_on_device, num_classes
+from . import engine, models
+from .config import (CommandLineParser, RunConfig, add_config_arguments, apply, default_of, key, overrides,
+                     validate_run, to_dict)
+from .data import load_splits, num_classes
 from .errors import run_command
-from .evaluation import classification_metrics
-from .runtime import DEVICES, resolve_device
+from .runtime import Runtime, print0, setup_runtime
 
 
-CALIBRATION_BATCHES = 8
+@dataclass
+class FinetuneConfig(RunConfig):
+    """`alphanet finetune`: the model, the classes, the hold-out fraction; the rest as `alphanet train`.
+    `lr_per_256` and `weight_decay` are set per run from the --lr and --weight_decay grids."""
+
+    epochs: int = default_of(RunConfig, "epochs", 10)
+    warmup_epochs: int = default_of(RunConfig, "warmup_epochs", 0)
+    grad_clip_value: float = default_of(RunConfig, "grad_clip_value", 0.0)
+    model: str = key("", "finetune", f"the model: {models.SPEC_HELP}")
+    classes: str = key("", "finetune", "comma-separated class indices to keep (default: all)")
+    holdout: float = key(0.2, "finetune", "fraction held out to choose LR and weight decay (0: no search, the "
+                                          "first values of the grids)")
+
+
+GRID_KEYS = ("lr_per_256", "weight_decay")  # set per run from the grids, not on the command line
+
+
+def validate(config: FinetuneConfig) -> None:
+    validate_run(config, fractions=("holdout",))
+    if not config.model:
+        raise ValueError("give the model to fine-tune: --model SPEC")
 
 
 class Relabelled(Dataset):
@@ -60,61 +88,127 @@ def new_head(model: nn.Module, classes: int, dropout: float = 0.5) -> nn.Module:
     return model
 
 
-def fit(model: nn.Module, train: Dataset, epochs: int, lr: float, weight_decay: float, batch_size: int,
-        seed: int, device: torch.device = torch.device("cpu")) -> nn.Module:
-    """SGD-Nesterov with label smoothing 0.1 and a cosine LR, then BN recalibration; returns the model in
-    eval mode."""
-    torch.manual_seed(seed)
-    model = model.to(device)
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    rest = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0}],
-                                lr=lr, momentum=0.9, nesterov=True)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, drop_last=len(train) > batch_size,
-                        generator=torch.Generator().manual_seed(seed))
-    total = max(1, epochs * len(loader))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)))
-    model.train()
-    for _ in range(epochs):
-        for images, labels in loader:
-            logits = model(normalize_on_device(images.to(device)))
-            F.cross_entropy(logits, torch.as_tensor(labels).to(device), label_smoothing=0.1).backward()
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-    # BN statistics of the final weights (a short fine-tuning's running averages lag behind them)
-    recalibrate_bn(model, (normalize_on_device(images.to(device)) for images, _ in loader), CALIBRATION_BATCHES)
-    return model.eval()
+class FinetuneTask(engine.Task):
+    """A model with a new classifier, trained on the labels; evaluated by its calibrated top-1."""
+
+    command = "alphanet finetune"
+    loss_names = ("ce",)
+    curves = dict(losses={"train_ce": "cross-entropy"}, accuracies={"val_top1": "top-1"})
+
+    def __init__(self, base: nn.Module, classes: int, config: FinetuneConfig):
+        self.config = config
+        self.model = new_head(copy.deepcopy(base), classes)
+
+    def describe(self, run):
+        config = self.config
+        return (f"fine-tuning {config.model} on {config.dataset} ({run.runtime.world} process(es) on "
+                f"{run.runtime.device}): lr {learning_rate(config):g}, weight decay {config.weight_decay:g}, "
+                f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs; outputs in {config.out}")
+
+    def step(self, run, images, labels, indices):
+        with record_function("forward"), run.autocast():
+            ce = F.cross_entropy(self.model(images).float(), labels, label_smoothing=self.config.label_smoothing)
+        with record_function("backward"):
+            run.scaler.scale(ce).backward()
+        return {"ce": ce.detach()}
+
+    def evaluate(self, run, split):
+        return {"top1": run.calibrated_metrics(self.model, run.evaluation_loader(split))["top1"]}
+
+    def epoch_line(self, record):
+        return "epoch {epoch}: ce {train_ce:.3f} val top-1 {val_top1:.1f}%".format(**record)
+
+    def summary_lines(self, run, summary):
+        return [f"top-1: {summary['test_top1']:.1f}%", f"checkpoint: {os.path.join(run.out, 'checkpoint.pt')}"]
 
 
-def top1(model: nn.Module, split: Dataset, device: torch.device = torch.device("cpu"), batch_size: int = 256) -> float:
-    return classification_metrics(model, DataLoader(split, batch_size=batch_size), device)["top1"]
+def learning_rate(config: FinetuneConfig) -> float:
+    return config.lr_per_256 * config.batch_size / 256
 
 
-def finetune(base: nn.Module, train: Dataset, test: Dataset, classes: int, epochs: int, batch_size: int,
-             lrs: List[float], weight_decays: List[float], holdout: float, seed: int = 0,
-             device: torch.device = torch.device("cpu")) -> Dict[str, object]:
+def fit(base: nn.Module, classes: int, splits: Dict[str, Dataset], config: FinetuneConfig, runtime: Runtime,
+        stop_at_step: Optional[int] = None) -> Dict[str, object]:
+    """One fine-tuning run in `config.out` (`splits`: train, then val scored every epoch and test at the
+    end); returns its summary and the trained model. A finished run is read back; an unfinished one
+    with the same settings continues."""
+    summary_file = os.path.join(config.out, "summary.json")
+    resume = ckpt.existing_run(config.out, to_dict(config))
+    if resume and os.path.exists(summary_file):
+        model = new_head(copy.deepcopy(base), classes)
+        model.load_state_dict(ckpt.load(config.out)["model"])
+        with open(summary_file) as handle:
+            return {**json.load(handle), "model": model.eval()}
+    run = engine.setup(config, resume, runtime, lambda: splits, lambda _: FinetuneTask(base, classes, config),
+                       "finetune")
+    with contextlib.closing(run):
+        summary = engine.train_to_the_end(run, stop_at_step)
+    return {**summary, "model": run.model.eval()}
+
+
+def load(config: FinetuneConfig):
+    """The chosen classes' train / val / test splits, relabelled, their count, and the model to fine-tune."""
+    splits = load_splits(config.dataset, config.data_path, config.image_size)
+    classes = chosen_classes(config.classes, num_classes(config.dataset, splits))
+    data = {name: Relabelled(splits[name], classes) for name in ("train", "val", "test")}
+    base = models.build(config.model, num_classes(config.dataset, splits), config.seed, config.data_path or None)
+    return data, len(classes), base
+
+
+def setup(config: FinetuneConfig, resume: Optional[str], runtime: Runtime) -> engine.Run:
+    """One fine-tuning run of `config`, its folder locked: see `engine.setup`."""
+    data, classes, base = load(config)
+    return engine.setup(config, resume, runtime, lambda: data, lambda _: FinetuneTask(base, classes, config),
+                        "finetune")
+
+
+def run_single(config: FinetuneConfig, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
+               runtime: Optional[Runtime] = None) -> Dict[str, object]:
+    """One fine-tuning of `config` (its lr_per_256 and weight_decay; no grid, no hold-out) in `config.out`."""
+    data, classes, base = load(config)
+    config.out = ckpt.run_folder(config.out, resume, "finetune")
+    summary = fit(base, classes, data, config, runtime or setup_runtime(config.device), stop_at_step)
+    summary.pop("model")
+    return summary
+
+
+def config_for_resume(path: str) -> FinetuneConfig:
+    """The saved config of one fine-tuning run."""
+    config = apply(FinetuneConfig(), ckpt.load(path)["config"], f"checkpoint {path!r}")
+    validate(config)
+    return config
+
+
+def finetune(base: nn.Module, train: Dataset, test: Dataset, val: Dataset, classes: int, config: FinetuneConfig,
+             lrs: List[float], weight_decays: List[float], runtime: Runtime,
+             fit: Callable[..., Dict[str, object]] = fit) -> Dict[str, object]:
     """The hold-out grid search (when `holdout` > 0), then the final fine-tuning on all of `train`."""
+    def configured(folder: str, lr: float, weight_decay: float) -> FinetuneConfig:
+        return dataclasses.replace(config, lr_per_256=lr * 256 / config.batch_size, weight_decay=weight_decay,
+                                   out=os.path.join(config.out, folder))
+
     grid = []
-    if holdout > 0 and len(lrs) * len(weight_decays) > 1:
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
-        held = int(round(holdout * len(train)))
-        fit_split, val_split = Subset(train, order[held:]), Subset(train, order[:held])
+    if config.holdout > 0 and len(lrs) * len(weight_decays) > 1:
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        held = int(round(config.holdout * len(train)))
+        fit_split, held_split = Subset(train, order[held:]), Subset(train, order[:held])
         for lr, weight_decay in itertools.product(lrs, weight_decays):
-            model = fit(new_head(copy.deepcopy(base), classes), fit_split, epochs, lr, weight_decay, batch_size, seed,
-                        device)
-            grid.append({"lr": lr, "weight_decay": weight_decay, "holdout_top1": top1(model, val_split, device)})
-            print(f"hold-out: lr {lr:g} weight decay {weight_decay:g}: top-1 {grid[-1]['holdout_top1']:.1f}%",
-                  flush=True)
+            result = fit(base, classes, {"train": fit_split, "val": held_split, "test": held_split},
+                         configured(os.path.join("holdout", f"lr={lr:g},wd={weight_decay:g}"), lr, weight_decay),
+                         runtime)
+            grid.append({"lr": lr, "weight_decay": weight_decay, "holdout_top1": result["test_top1"]})
+            print0(runtime, f"hold-out: lr {lr:g} weight decay {weight_decay:g}: top-1 "
+                            f"{grid[-1]['holdout_top1']:.1f}%")
         best = max(grid, key=lambda row: row["holdout_top1"])  # the first of equals
         lr, weight_decay = best["lr"], best["weight_decay"]
     else:
         lr, weight_decay = lrs[0], weight_decays[0]
-    model = fit(new_head(copy.deepcopy(base), classes), train, epochs, lr, weight_decay, batch_size, seed, device)
-    return {"grid": grid, "lr": lr, "weight_decay": weight_decay, "test_top1": top1(model, test, device), "model": model}
+    result = fit(base, classes, {"train": train, "val": val, "test": test}, configured("final", lr, weight_decay),
+                 runtime)
+    return {"grid": grid, "lr": lr, "weight_decay": weight_decay, "test_top1": result["test_top1"],
+            "model": result["model"]}
 
 
-def _numbers(text: str, name: str) -> List[float]:
+def numbers(text: str, name: str) -> List[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -124,60 +218,49 @@ def _numbers(text: str, name: str) -> List[float]:
     return values
 
 
+def chosen_classes(text: str, available: int) -> List[int]:
+    if not text:
+        return list(range(available))
+    try:
+        wanted = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--classes {text!r}: expected comma-separated class indices") from None
+    if len(set(wanted)) < 2 or any(not 0 <= c < available for c in wanted):
+        raise ValueError(f"--classes {text!r}: give at least 2 distinct indices of 0..{available - 1}")
+    return wanted
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet finetune", description=__doc__)
-    parser.add_argument("--model", required=True, help=f"the model: {models.SPEC_HELP}")
-    parser.add_argument("--dataset", default="digits", choices=list(DATASETS))
-    parser.add_argument("--data_path", default="", help="folder of cifar10 / imagefolder data")
-    parser.add_argument("--image_size", type=int, default=32, help="image size of cifar10 / imagefolder")
-    parser.add_argument("--classes", default=None, help="comma-separated class indices to keep (default: all)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--batch_size", type=int, default=64)
-    parser.add_argument("--lr", type=lambda t: _numbers(t, "--lr"), default=[0.01, 0.03, 0.1],
+    parser.add_argument("--lr", dest="lrs", type=lambda t: numbers(t, "--lr"), default=[0.01, 0.03, 0.1],
                         help="LR, or a comma-separated grid for the hold-out search")
-    parser.add_argument("--weight_decay", type=lambda t: _numbers(t, "--weight_decay"), default=[1e-5, 1e-4],
+    parser.add_argument("--weight_decay", dest="weight_decays", type=lambda t: numbers(t, "--weight_decay"),
+                        default=[1e-5, 1e-4],
                         help="weight decay, or a grid")
-    parser.add_argument("--holdout", type=float, default=0.2, help="fraction held out to choose LR and weight decay "
-                                                                   "(0: no search, the first values of the grids)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where the model is fine-tuned and evaluated")
+    add_config_arguments(parser, FinetuneConfig, exclude=GRID_KEYS)
     args = parser.parse_args(argv)
-    if not 0 <= args.holdout < 1:
-        parser.error("--holdout must be in [0, 1)")
-    if args.epochs < 1 or args.batch_size < 1:
-        parser.error("--epochs and --batch_size must be at least 1")
 
-    def work() -> dict:
-        device = resolve_device(args.device)
-        splits = load_splits(args.dataset, args.data_path, args.image_size)
-        classes = list(range(num_classes(args.dataset, splits)))
-        if args.classes:
-            try:
-                wanted = [int(part) for part in args.classes.split(",")]
-            except ValueError:
-                raise ValueError(f"--classes {args.classes!r}: expected comma-separated class indices") from None
-            if len(set(wanted)) < 2 or any(c not in classes for c in wanted):
-                raise ValueError(f"--classes {args.classes!r}: give at least 2 distinct indices of 0..{len(classes) - 1}")
-            classes = wanted
-        train, test = Relabelled(splits["train"], classes), Relabelled(splits["test"], classes)
-        base = models.build(args.model, num_classes(args.dataset, splits), args.seed, args.data_path or None)
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise ValueError(f"--out {args.out!r} is a file, not a folder")
-        with ckpt.RunFolderLock(args.out):  # one process per output folder
-            result = finetune(base, train, test, len(classes), args.epochs, args.batch_size, args.lr,
-                              args.weight_decay, args.holdout, args.seed, device)
-            model = result.pop("model").cpu()  # saved for any machine
-            ckpt.atomic_write(os.path.join(args.out, "weights.pt"),
-                              lambda stream: torch.save(model.state_dict(), stream))
-            record = {**result, "model": args.model, "classes": classes, "epochs": args.epochs}
-            ckpt.atomic_write(os.path.join(args.out, "finetune.json"), json.dumps(record, indent=1).encode())
+    def work() -> Dict[str, object]:
+        config = apply(FinetuneConfig(), overrides(args, FinetuneConfig), "the command line")
+        validate(config)
+        runtime = setup_runtime(config.device)
+        data, classes, base = load(config)
+        config.out = ckpt.run_folder(config.out, None, "finetune")
+        with ckpt.RunFolderLock(config.out) if runtime.is_main else contextlib.nullcontext():
+            result = finetune(base, data["train"], data["test"], data["val"], classes, config, args.lrs,
+                              args.weight_decays, runtime)
+            if runtime.is_main:
+                model = result.pop("model").cpu()  # saved for any machine
+                ckpt.atomic_write(os.path.join(config.out, "weights.pt"),
+                                  lambda stream: torch.save(model.state_dict(), stream))
+                record = {**result, "model": config.model, "classes": classes, "epochs": config.epochs}
+                ckpt.atomic_write(os.path.join(config.out, "finetune.json"), json.dumps(record, indent=1).encode())
+                print(f"chosen: lr {result['lr']:g}, weight decay {result['weight_decay']:g}")
+                print(f"finetune test top-1: {result['test_top1']:.1f}%")
+                print(f"wrote {os.path.join(config.out, 'finetune.json')} and weights.pt")
         return result
 
-    result = run_command("alphanet finetune", work)
-    print(f"chosen: lr {result['lr']:g}, weight decay {result['weight_decay']:g}")
-    print(f"finetune test top-1: {result['test_top1']:.1f}%")
-    print(f"wrote {os.path.join(args.out, 'finetune.json')} and weights.pt")
+    run_command("alphanet finetune", work)
 
 
 if __name__ == "__main__":

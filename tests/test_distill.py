@@ -140,20 +140,26 @@ def test_finetune_an_export_on_five_classes_replaces_the_classifier(exported_sub
     assert "finetune test top-1:" in capsys.readouterr().out
 
 
-def test_holdout_search_picks_the_pair_with_the_best_validation_accuracy(monkeypatch):
+def test_holdout_search_picks_the_pair_with_the_best_validation_accuracy(tmp_path):
     from supernet import finetune
+    from supernet.runtime import Runtime
 
     scores = {(0.1, 0.0): 50.0, (0.1, 1e-4): 80.0, (0.3, 0.0): 70.0, (0.3, 1e-4): 60.0}
     fitted = []
-    monkeypatch.setattr(finetune, "fit", lambda model, split, epochs, lr, wd, bs, seed, device:
-                        (fitted.append((lr, wd)), (model, lr, wd))[1])
-    monkeypatch.setattr(finetune, "top1", lambda fitted_model, split, device: scores[fitted_model[1:]]
-                        if isinstance(fitted_model, tuple) else 0.0)
+
+    def fake_fit(base, classes, splits, config, runtime):
+        lr = round(config.lr_per_256 * config.batch_size / 256, 6)
+        fitted.append((lr, config.weight_decay, os.path.relpath(config.out, tmp_path), len(splits["train"])))
+        return {"test_top1": scores.get((lr, config.weight_decay), 0.0), "model": base}
+
     base = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(192, 10))
     train = torch.utils.data.TensorDataset(torch.randn(50, 3, 8, 8), torch.randint(0, 3, (50,)))
-    result = finetune.finetune(base, train, train, 3, 1, 16, [0.1, 0.3], [0.0, 1e-4], holdout=0.2)
+    config = finetune.FinetuneConfig(model="export:x", batch_size=16, out=str(tmp_path))
+    result = finetune.finetune(base, train, train, train, 3, config, [0.1, 0.3], [0.0, 1e-4],
+                               Runtime(0, 1, torch.device("cpu")), fit=fake_fit)
     assert (result["lr"], result["weight_decay"]) == (0.1, 1e-4)
-    assert fitted[-1] == (0.1, 1e-4) and len(fitted) == 5  # four on the hold-out split, then the final run
+    assert fitted[0] == (0.1, 0.0, "holdout/lr=0.1,wd=0", 40)  # 20% of 50 held out
+    assert fitted[-1] == (0.1, 1e-4, "final", 50) and len(fitted) == 5  # four on the hold-out split, then the final run
 
 
 def test_teacher_checkpoint_names_a_supernet_subnet(tmp_path):
@@ -161,3 +167,68 @@ def test_teacher_checkpoint_names_a_supernet_subnet(tmp_path):
     assert distill.default_teacher(config) == "supernet:/runs/a:min"
     with pytest.raises(ValueError, match="not both"):
         distill.resolve(values={"teacher_checkpoint": "/runs/a", "teacher": "export:/x"})
+
+
+# -- two processes equal one ------------------------------------------------------------------
+
+class SmallMLP(torch.nn.Module):
+    """No BN and no dropout: nothing couples the images of a batch, so two processes of 64 images per step
+    compute exactly what one process of 128 does (up to the summation order)."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.layers = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 32), torch.nn.ReLU(),
+                                          torch.nn.Linear(32, classes))
+
+    def forward(self, images):
+        return self.layers(images)
+
+
+def small_mlp(spec, classes, seed=0, data_path=None):
+    torch.manual_seed(seed + (1 if spec.endswith("teacher") else 0))
+    return SmallMLP(classes)
+
+
+def equivalence_config(out, batch_size):
+    return distill.resolve(values={"student": "torchvision:student", "teacher": "torchvision:teacher", "epochs": "2",
+                                   "batch_size": str(batch_size), "calib_images": "0", "device": "cpu",
+                                   "log_every": "1", "out": out})
+
+
+def _distill_process(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    models.build = small_mlp  # this spawned process's models
+    try:
+        distill.run_distill(equivalence_config(out, 128 // world))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_two_processes_distill_as_one_process(tmp_path, monkeypatch):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    monkeypatch.setattr(models, "build", small_mlp)
+    single = str(tmp_path / "one")
+    one = distill.run_distill(equivalence_config(single, 128))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    double = str(tmp_path / "two")
+    mp.spawn(_distill_process, args=(2, port, double), nprocs=2, join=True)
+    steps = [[json.loads(line) for line in open(os.path.join(folder, "steps.jsonl"))] for folder in (single, double)]
+    assert len(steps[0]) == len(steps[1]) == 2 * (1259 // 128)
+    for a, b in zip(*steps):
+        assert a["step"] == b["step"] and a["lr"] == b["lr"]
+        for name in ("loss", "ce", "kd"):
+            assert b[name] == pytest.approx(a[name], rel=1e-5, abs=1e-6)
+    weights = [torch.load(os.path.join(folder, "checkpoint.pt"), weights_only=True)["model"]
+               for folder in (single, double)]
+    for name, tensor in weights[0].items():
+        torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
+    summary = json.load(open(os.path.join(double, "summary.json")))
+    assert summary["test_top1"] == pytest.approx(one["test_top1"], abs=0.3)  # 359 test images: one image apart

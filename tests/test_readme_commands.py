@@ -105,7 +105,7 @@ RECIPES: Dict[str, Recipe] = {
     "alphanet distill": Recipe(DISTILL_SIZE, writes=("runs/distill-digits-*/summary.txt",
                                                      "runs/distill-digits-*/teacher/summary.txt"),
                                prints="teacher test top-1"),
-    "alphanet distill --kd kl --temperature 4": Recipe(DISTILL_SIZE, writes=("runs/distill-digits-*/summary.txt",)),
+    "alphanet distill --kd kl --kd_temperature 4": Recipe(DISTILL_SIZE, writes=("runs/distill-digits-*/summary.txt",)),
     "alphanet distill --teacher_checkpoint RUN_DIR --teacher_arch max --cache_teacher":
         Recipe(" --epochs 1", needs=("run",), writes=("runs/distill-digits-*/checkpoint.pt",
                                                        "runs/distill-digits-*/summary.txt")),

@@ -17,8 +17,8 @@ import torch.multiprocessing as mp
 
 import alphadiv_kernels as ak
 from supernet import checkpoint as ckpt
-from supernet import engine, train
-from supernet.config import config_for_resume, resolve_config
+from supernet import distill, engine, finetune, train
+from supernet.config import apply, config_for_resume, resolve_config
 from supernet.errors import NonFiniteLossError
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
@@ -76,60 +76,107 @@ def test_missing_dataset_folder_is_a_clear_error(tmp_path):
         train.run_training(config)
 
 
-# -- checkpoints and resume -------------------------------------------------------------------
+# -- checkpoints and resume, over both commands of the engine ------------------------------------
+
+class Command:
+    """One engine command in the tests: its config, its run function, its module and its summary; how
+    its command line continues a run, and where the run folder lies under --out."""
+
+    def __init__(self, name, module, make_config, resume_config, run, summary_line, cli_flags,
+                 continue_argv=lambda argv, out: ["--resume", out], folder=lambda out: out):
+        self.name, self.module, self.make_config, self.resume_config = name, module, make_config, resume_config
+        self.run, self.summary_line, self.cli_flags = run, summary_line, cli_flags
+        self.continue_argv, self.folder = continue_argv, folder
+
+
+DISTILL_SMALL = {"epochs": "2", "batch_size": "128", "calib_images": "256", "teacher": "arch:digits:min",
+                 "teacher_epochs": "1"}
+COMMANDS = {
+    "train": Command("train", "supernet.train", small_config, lambda out: config_for_resume(out),
+                     train.run_training, "max subnet test top-1:", ["--num_random_subnets", "1"]),
+    "distill": Command("distill", "supernet.distill",
+                       lambda tmp_path, name, **extra: distill.resolve(values={**DISTILL_SMALL,
+                                                                               "out": str(tmp_path / name), **extra}),
+                       lambda out: distill.config_for_resume(out, {}), distill.run_distill, "student test top-1:",
+                       ["--teacher", "arch:digits:min", "--teacher_epochs", "1"]),
+    # one fine-tuning (no grid) of a fresh min subnet of the digits space on all ten classes
+    "finetune": Command("finetune", "supernet.finetune",
+                        lambda tmp_path, name, **extra: finetune_config(out=str(tmp_path / name), **extra),
+                        lambda out: finetune.config_for_resume(out), finetune.run_single, "finetune test top-1:",
+                        ["--model", "arch:digits:min", "--holdout", "0", "--lr", "0.1"],
+                        continue_argv=lambda argv, out: argv, folder=lambda out: os.path.join(out, "final")),
+}
+
+
+def finetune_config(**values):
+    config = apply(finetune.FinetuneConfig(), {"model": "arch:digits:min", "epochs": "2", "batch_size": "128",
+                                               "calib_images": "256", **values}, "the test")
+    finetune.validate(config)
+    return config
+
+
+@pytest.fixture(params=list(COMMANDS))
+def command(request):
+    return COMMANDS[request.param]
+
 
 @pytest.mark.parametrize("workers", [0, 2], ids=["in-process", "2-persistent-workers"])
-def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_path, workers):
-    straight = small_config(tmp_path, "straight")
-    train.run_training(straight)
+def test_resume_from_a_mid_run_checkpoint_reproduces_the_losses_bit_for_bit(tmp_path, workers, command):
+    straight = command.make_config(tmp_path, "straight")
+    command.run(straight)
     # the interrupted run loads with worker processes (one DataLoader kept across epochs): same batches
-    interrupted = small_config(tmp_path, "interrupted", workers=str(workers))
-    assert train.run_training(interrupted, stop_at_step=5)["stopped"]
-    train.run_training(config_for_resume(interrupted.out), resume=interrupted.out)
+    interrupted = command.make_config(tmp_path, "interrupted", workers=str(workers))
+    assert command.run(interrupted, stop_at_step=5)["stopped"]
+    command.run(command.resume_config(interrupted.out), resume=interrupted.out)
     expected, resumed = step_losses(straight.out), step_losses(interrupted.out)
     assert [r["step"] for r in resumed] == list(range(1, len(expected) + 1))
-    assert resumed == expected  # ce, kd and lr of every step, exactly
+    assert resumed == expected  # every loss and the lr of every step, exactly
 
 
-def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path):
+def test_a_run_killed_with_sigkill_resumes_from_its_last_checkpoint(tmp_path, command):
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "supernet.train", "--epochs", "3", "--batch_size", "128",
-               "--num_random_subnets", "1", "--calib_images", "256", "--checkpoint_every", "2", "--out", str(out)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = [sys.executable, "-m", command.module, "--epochs", "3", "--batch_size", "128", *command.cli_flags,
+            "--calib_images", "256", "--checkpoint_every", "2", "--out", str(out)]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (out / "checkpoint.pt").exists():
+    while time.time() < deadline and not os.path.exists(os.path.join(command.folder(str(out)), "checkpoint.pt")):
         time.sleep(0.2)
     time.sleep(1.0)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    killed_at = ckpt.load(str(out))["step"]  # whole, whichever moment the kill came
+    folder = command.folder(str(out))
+    killed_at = ckpt.load(folder)["step"]  # whole, whichever moment the kill came
     assert killed_at >= 2
-    done = subprocess.run([sys.executable, "-m", "supernet.train", "--resume", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-m", command.module, *command.continue_argv(argv[3:], str(out))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "max subnet test top-1:" in done.stdout and "min subnet test top-1:" in done.stdout
-    assert ckpt.load(str(out))["step"] == 3 * 9
-    assert (out / "curves.png").exists() and (out / "config.yaml").exists()
+    assert command.summary_line in done.stdout
+    assert ckpt.load(folder)["step"] == 3 * 9
+    assert [r["step"] for r in step_losses(folder)] == list(range(1, 3 * 9 + 1))
+    assert os.path.exists(os.path.join(folder, "curves.png")) and os.path.exists(os.path.join(folder, "config.yaml"))
 
 
-def test_non_finite_losses_skip_steps_then_stop_keeping_a_good_checkpoint(tmp_path, monkeypatch):
-    config = small_config(tmp_path, "nan", checkpoint_every="2", max_nonfinite_steps="3")
-    original = train.sandwich_backward
+def test_non_finite_losses_skip_steps_then_stop_keeping_a_good_checkpoint(tmp_path, monkeypatch, command):
+    config = command.make_config(tmp_path, "nan", checkpoint_every="2", max_nonfinite_steps="3")
+    task = {"train": train.SupernetTask, "distill": distill.DistillTask, "finetune": finetune.FinetuneTask}[command.name]
+    original = task.step
     calls = {"n": 0}
 
-    def poisoned(model, *args, **kwargs):
-        losses = original(model, *args, **kwargs)
+    def poisoned(self, run, *args):
+        losses = original(self, run, *args)
+        if getattr(self, "role", "student") != "student":  # the teacher trained first stays healthy
+            return losses
         calls["n"] += 1
         if calls["n"] > 3:
-            for param in model.parameters():
+            for param in self.model.parameters():
                 if param.grad is not None:
                     param.grad.fill_(float("nan"))
             losses = {key: value * float("nan") for key, value in losses.items()}
         return losses
 
-    monkeypatch.setattr(train, "sandwich_backward", poisoned)
+    monkeypatch.setattr(task, "step", poisoned)
     with pytest.raises(NonFiniteLossError, match="3 steps in a row"):
-        train.run_training(config)
+        command.run(config)
     state = ckpt.load(config.out)
     assert all(torch.isfinite(tensor).all() for tensor in state["model"].values() if tensor.is_floating_point())
 
@@ -137,14 +184,15 @@ def test_non_finite_losses_skip_steps_then_stop_keeping_a_good_checkpoint(tmp_pa
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__")
 
 
-def test_step_loop_reads_the_device_at_most_once_per_log_every_steps(tmp_path, monkeypatch):
+def test_step_loop_reads_the_device_at_most_once_per_log_every_steps(tmp_path, monkeypatch, command):
     """Each of these calls waits for the GPU when the tensor is there; counted here on CPU tensors, leaving
     out the DataLoader's own host tensors (the epoch's order, the workers' base seed). The op's backward
     reads its incoming gradient only on CPU, where that costs nothing: made to behave as on a GPU here."""
     from alphadiv_kernels import adaptive_kd
 
-    config = small_config(tmp_path, "syncs", epochs="1", batch_size="64", log_every="5")
-    run = train.setup(config, None, train.Runtime(0, 1, torch.device("cpu")))
+    config = command.make_config(tmp_path, "syncs", epochs="1", batch_size="64", log_every="5")
+    module = {"train": train, "distill": distill, "finetune": finetune}[command.name]
+    run = module.setup(config, None, train.Runtime(0, 1, torch.device("cpu")))
     run.model.train()
     monkeypatch.setattr(adaptive_kd, "_is_exactly_one", lambda grad_loss: False)
     reads = []
@@ -161,6 +209,7 @@ def test_step_loop_reads_the_device_at_most_once_per_log_every_steps(tmp_path, m
         monkeypatch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
     engine.train_epoch(run, None, lambda: False)
     monkeypatch.undo()
+    run.close()
     assert run.steps_per_epoch == 19 and run.step == 19
     assert len(reads) <= -(-19 // 5), reads  # steps 5, 10, 15 and the epoch's end
     assert [record["step"] for record in step_losses(config.out)] == list(range(1, 20))
