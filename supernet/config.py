@@ -180,24 +180,10 @@ def apply(config, values: Dict[str, object], source: str):
     return config
 
 
-def read_text(path: str, what: str, hint: str = "") -> str:
-    """The contents of a UTF-8 text file; ValueError in one line naming `what`, the path and the problem
-    (missing, a folder, not UTF-8, unreadable), followed by `hint`."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            return handle.read()
-    except FileNotFoundError:
-        raise ValueError(f"{what} {path!r}: no such file{hint}") from None
-    except IsADirectoryError:
-        raise ValueError(f"{what} {path!r} is a folder, not a file{hint}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"{what} {path!r} is not a UTF-8 text file{hint}") from None
-    except OSError as error:
-        raise ValueError(f"{what} {path!r} cannot be read: {error.strerror}") from None
-
-
 def read_yaml(path: str) -> Dict[str, object]:
     import yaml
+
+    from .errors import read_text
 
     text = read_text(path, "config file")
     try:

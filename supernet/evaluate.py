@@ -15,10 +15,9 @@ import random
 from typing import List, Optional
 
 from . import checkpoint as ckpt
-from .config import CommandLineParser, positive_int
+from .config import CommandLineParser
 from .errors import run_command
-from .evaluation import CALIB_BATCH_SIZE, EVAL_CALIB_IMAGES, TrainedSupernet
-from .runtime import DEVICES, resolve_device
+from .evaluation import TrainedSupernet, add_evaluation_arguments, load_trained
 from .space import ArchConfig, SearchSpace, load_arch
 
 
@@ -72,23 +71,6 @@ def evaluate_widths(trained: TrainedSupernet, widths: List[float], split: str, c
         prefix = out[:-5] if out.endswith(".json") else out
         for path in write_width_table(rows, prefix, f"{trained.space.name}, {split} split"):
             print(f"wrote {path}")
-
-
-def add_evaluation_arguments(parser: CommandLineParser, calib_help: Optional[str] = None) -> None:
-    """The options of every command that evaluates subnets of a trained supernet (eval, search, export)."""
-    parser.add_argument("--calib_images", type=positive_int, default=None,
-                        help=calib_help or f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the "
-                                           "reference, the run's calib_images on the bundled digits; at most the "
-                                           "training split)")
-    parser.add_argument("--calib_batch_size", type=positive_int, default=CALIB_BATCH_SIZE,
-                        help="images per BN-calibration batch (the reference's 256)")
-    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
-    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where subnets are calibrated and evaluated")
-
-
-def load_trained(args) -> TrainedSupernet:
-    """The supernet of `--checkpoint` on `--device`, calibrating in batches of `--calib_batch_size`."""
-    return TrainedSupernet.load(args.checkpoint, args.data_path, resolve_device(args.device), args.calib_batch_size)
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -21,11 +21,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from . import checkpoint as ckpt
 from .calibration import recalibrate_bn, share_bn_statistics
-from .config import TrainConfig, config_for_resume, is_bundled
+from .config import CommandLineParser, TrainConfig, config_for_resume, is_bundled, positive_int
 from .data import EncodedBatch, load_splits, normalize_on_device, num_classes
 from .flops import flops_and_params
 from .model import ElasticSupernet, StaticSubnet, extract
-from .runtime import Runtime
+from .runtime import DEVICES, Runtime, resolve_device
 from .space import ArchConfig, SearchSpace, get_space
 
 EVAL_CALIB_IMAGES = 64 * 256  # the reference's evaluation: 64 batches of 256 images
@@ -198,3 +198,20 @@ def load_weights(model: torch.nn.Module, state: Dict[str, torch.Tensor], source:
             raise ValueError(f"{source!r} does not fit this supernet: {name} has shape {tuple(state[name].shape)}, "
                              f"expected {tuple(tensor.shape)}")
     model.load_state_dict(state)
+
+
+def add_evaluation_arguments(parser: CommandLineParser, calib_help: Optional[str] = None) -> None:
+    """The options of every command that evaluates subnets of a trained supernet (eval, search, export)."""
+    parser.add_argument("--calib_images", type=positive_int, default=None,
+                        help=calib_help or f"training images for BN calibration (default: {EVAL_CALIB_IMAGES} as the "
+                                           "reference, the run's calib_images on the bundled digits; at most the "
+                                           "training split)")
+    parser.add_argument("--calib_batch_size", type=positive_int, default=CALIB_BATCH_SIZE,
+                        help="images per BN-calibration batch (the reference's 256)")
+    parser.add_argument("--data_path", default=None, help="data folder (default: the run's)")
+    parser.add_argument("--device", default="auto", help=f"{DEVICES}: where subnets are calibrated and evaluated")
+
+
+def load_trained(args) -> TrainedSupernet:
+    """The supernet of `--checkpoint` on `--device`, calibrating in batches of `--calib_batch_size`."""
+    return TrainedSupernet.load(args.checkpoint, args.data_path, resolve_device(args.device), args.calib_batch_size)

@@ -17,8 +17,7 @@ from .checkpoint import atomic_write
 from .config import CommandLineParser, add_arch_or_width, arch_or_width
 from .data import normalize_on_device
 from .errors import run_command
-from .evaluate import add_evaluation_arguments, load_trained
-from .evaluation import TrainedSupernet, classification_metrics
+from .evaluation import TrainedSupernet, add_evaluation_arguments, classification_metrics, load_trained
 from .flops import flops_and_params
 
 

@@ -25,8 +25,7 @@ import torch.distributed as dist
 from .checkpoint import RunFolderLock, atomic_write
 from .config import CommandLineParser, is_bundled, positive_int
 from .errors import run_command
-from .evaluate import add_evaluation_arguments
-from .evaluation import TrainedSupernet
+from .evaluation import TrainedSupernet, add_evaluation_arguments
 from .flops import mflops
 from .report import save_figure
 from .runtime import setup_runtime

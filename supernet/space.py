@@ -339,7 +339,7 @@ def load_arch(text: str, space: SearchSpace) -> ArchConfig:
             raise ValueError(f"--arch {text!r} is a published AlphaNet model: it needs the alphanet space, "
                              f"not {space.name!r}")
         return json.loads(json.dumps(PUBLISHED[text].arch))
-    from .config import read_text
+    from .errors import read_text
 
     names = ", ".join(["min", "max", *PUBLISHED])
     contents = read_text(text, "--arch", f" (give a JSON arch config, or one of {names})")
