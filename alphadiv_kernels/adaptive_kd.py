@@ -21,6 +21,7 @@ import torch
 
 from . import _extension, triton_adaptive_kd
 from ._constants import REDUCTION_NONE
+from ._contract import AUTO, BACKENDS, SCHEMA, OpArgs
 from ._validation import check_backend, validate_kd_arguments
 from .reference import adaptive_kd_reference
 
@@ -29,61 +30,42 @@ _warned_fallback = False
 
 
 def available_backends() -> List[str]:
-    """Backends usable in this process, best first; `reference` is always there."""
-    backends = []
-    if _extension.HAS_CUDA_EXTENSION and torch.cuda.is_available():
-        backends.append("cuda")
-    if _extension.HAS_CPU_EXTENSION:
-        backends.append("cpu")
-    if triton_adaptive_kd.available(torch.device("cuda" if torch.cuda.is_available() else "cpu")):
-        backends.append("triton")  # without a GPU: under TRITON_INTERPRET=1, on CPU tensors
-    backends.append("reference")
-    return backends
+    """Backends usable in this process, best first; `reference` is always there. Triton without a GPU
+    counts where its interpreter runs it on CPU tensors (TRITON_INTERPRET=1)."""
+    default = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    usable = []
+    for name, backend in BACKENDS.items():
+        device = default if not backend.devices or default.type in backend.devices else torch.device("cpu")
+        if (not backend.devices or device.type in backend.devices) and backend.missing(device) is None:
+            usable.append(name)
+    return usable
 
 
 def _resolve_backend(backend: str, device: torch.device) -> str:
+    """The backend a call runs on: the one asked for (an error naming why it cannot run these tensors),
+    or for "auto" (and ALPHADIV_BACKEND) the best of `AUTO` for the tensors' device."""
     global _warned_fallback
     check_backend(backend)
     if backend == "auto":
         backend = _DEFAULT_BACKEND
     if backend == "auto":
-        if device.type == "cpu" and _extension.HAS_CPU_EXTENSION:
-            return "cpu"
-        if device.type == "cpu" and not _warned_fallback:
-            _warned_fallback = True
-            warnings.warn(
-                "alphadiv_kernels: the compiled CPU kernels are unavailable "
-                f"({_extension.missing_reason('alphadiv_kernels._C')}); using the eager reference",
-                stacklevel=3,
-            )
-        if device.type == "cuda" and _extension.HAS_CUDA_EXTENSION:
-            return "cuda"
-        if device.type == "cuda" and triton_adaptive_kd.available(device):
-            return "triton"
-        if device.type != "cpu":
-            raise RuntimeError(f"fused_adaptive_kd has no kernel for {device.type} tensors in this build "
-                               "(the Triton backend needs the triton package)")
-        return "reference"
-    if backend == "cpu":
-        if not _extension.HAS_CPU_EXTENSION:
-            raise RuntimeError(
-                "backend='cpu' needs the compiled extension alphadiv_kernels._C, which did not load: "
-                f"{_extension.missing_reason('alphadiv_kernels._C')}. Reinstall with "
-                "`pip install --no-build-isolation -e .`"
-            )
-        if device.type != "cpu":
-            raise ValueError(f"backend='cpu' needs CPU tensors, got {device.type} tensors")
-    if backend == "triton" and not triton_adaptive_kd.available(device):
-        why = ("the triton package is not installed" if triton_adaptive_kd.triton is None else
-               "on CPU tensors it needs Triton's interpreter (TRITON_INTERPRET=1)")
-        raise RuntimeError(f"backend='triton' is unavailable for {device.type} tensors: {why}")
-    if backend == "cuda":
-        if not _extension.HAS_CUDA_EXTENSION:
-            raise RuntimeError("backend='cuda' needs the CUDA extension alphadiv_kernels._C_cuda, which did not "
-                               f"load: {_extension.missing_reason('alphadiv_kernels._C_cuda')}. Build it with "
-                               "ALPHADIV_CUDA=1 pip install --no-build-isolation -e .")
-        if device.type != "cuda":
-            raise ValueError(f"backend='cuda' needs CUDA tensors, got {device.type} tensors")
+        for name in AUTO.get(device.type, ()):
+            if BACKENDS[name].missing(device) is None:
+                if name == "reference" and not _warned_fallback:
+                    _warned_fallback = True
+                    warnings.warn(f"alphadiv_kernels: the compiled CPU kernels are unavailable "
+                                  f"({_extension.missing_reason('alphadiv_kernels._C')}); using the eager reference",
+                                  stacklevel=3)
+                return name
+        raise RuntimeError(f"fused_adaptive_kd has no kernel for {device.type} tensors in this build "
+                           "(the Triton backend needs the triton package)")
+    chosen = BACKENDS[backend]
+    if chosen.devices and device.type not in chosen.devices:
+        raise ValueError(f"backend={backend!r} needs {' or '.join(chosen.devices).upper()} tensors, got "
+                         f"{device.type} tensors")
+    reason = chosen.missing(device)
+    if reason is not None:
+        raise RuntimeError(f"backend={backend!r} is unavailable for {device.type} tensors: {reason}")
     return backend
 
 
@@ -138,9 +120,8 @@ def fused_adaptive_kd(
             temperature=temperature, reduction=reduction, value=value, mask=mask,
         )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    # "cpu" and "cuda" are the C++ op's dispatch keys; the tensors' device picks the kernel.
-    op = torch.ops.alphadiv.adaptive_kd_triton if chosen == "triton" else torch.ops.alphadiv.adaptive_kd
-    op_args = (  # float(): NumPy scalars are welcome, the schema takes Python floats
+    op = BACKENDS[chosen].op()  # "cpu" and "cuda" share the C++ op: the tensors' device picks the kernel
+    op_args = OpArgs(  # float(): NumPy scalars are welcome, the schema takes Python floats
         args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max), float(clip),
         float(temperature), args.reduction, args.surrogate, compute_grad,
     )
@@ -180,8 +161,8 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(grad)
     ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) gradient
     ctx.save_for_backward(grad)
-    ctx.reduction = inputs[7]
-    ctx.has_grad = inputs[9]
+    args = OpArgs(*inputs)
+    ctx.reduction, ctx.has_grad = args.reduction, args.compute_grad
 
 
 def _graph_is_retained() -> bool:
@@ -191,17 +172,18 @@ def _graph_is_retained() -> bool:
 
 def _backward(ctx, grad_loss, _unused):
     (grad,) = ctx.saved_tensors
+    no_grads = (None,) * (len(OpArgs._fields) - 1)  # only the student gets a gradient
     if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
-        return (None,) * 10
+        return (None,) + no_grads
     if torch.is_grad_enabled() and not (_is_traced(grad) or _is_traced(grad_loss)):
         raise RuntimeError("fused_adaptive_kd has no second derivative: backward with create_graph=True (double "
                            "backward, gradient penalties, Hessians) is not supported")
     scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
     if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
-        return (grad * scale,) + (None,) * 9  # functional; a retained graph needs the buffer intact
+        return (grad * scale,) + no_grads  # functional; a retained graph needs the buffer intact
     if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
-        return (grad,) + (None,) * 9
-    return (grad.mul_(scale),) + (None,) * 9  # in place: the saved buffer becomes the result
+        return (grad,) + no_grads
+    return (grad.mul_(scale),) + no_grads  # in place: the saved buffer becomes the result
 
 
 class _EagerAdaptiveKD(torch.autograd.Function):
@@ -212,9 +194,8 @@ class _EagerAdaptiveKD(torch.autograd.Function):
     every call, which costs as much again."""
 
     @staticmethod
-    def forward(ctx, student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate,
-                compute_grad, op):
-        inputs = (student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction, surrogate, compute_grad)
+    def forward(ctx, *inputs_and_op):
+        *inputs, op = inputs_and_op
         with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel, past the registered autograd
             output = op(*inputs)
         _setup_context(ctx, inputs, output)
@@ -234,10 +215,7 @@ if _extension.HAS_CPU_EXTENSION:
     _register("alphadiv::adaptive_kd")
 
 if triton_adaptive_kd.triton is not None:
-    torch.library.define(
-        "alphadiv::adaptive_kd_triton",
-        "(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, float clip, "
-        "float temperature, int reduction, bool surrogate, bool compute_grad) -> (Tensor, Tensor)")
+    torch.library.define("alphadiv::adaptive_kd_triton", SCHEMA)
     # CPU too: Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors.
     torch.library.impl("alphadiv::adaptive_kd_triton", ["CUDA", "CPU"])(triton_adaptive_kd.adaptive_kd_triton)
     _register("alphadiv::adaptive_kd_triton")

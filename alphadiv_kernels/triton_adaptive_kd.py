@@ -22,7 +22,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._constants import BRANCH_FORWARD_KL, REDUCTION_MEAN, branch_code
+from ._constants import (BRANCH_FORWARD_KL, BRANCH_NEG_ONE, BRANCH_REVERSE_KL, REDUCTION_MEAN, REDUCTION_NONE,
+                         branch_code)
 from ._validation import check_op_arguments
 
 try:
@@ -43,6 +44,10 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    # The branch codes as compile-time constants (a jitted function reads no other kind of global)
+    FORWARD_KL = tl.constexpr(BRANCH_FORWARD_KL)
+    REVERSE_KL = tl.constexpr(BRANCH_REVERSE_KL)
+    NEG_ONE = tl.constexpr(BRANCH_NEG_ONE)
 
     @triton.jit
     def _expm1(x):
@@ -55,10 +60,10 @@ if triton is not None:
     @triton.jit
     def _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH: tl.constexpr):
         # c - 1 (General, NegOne) or log c (ReverseKL) of one block
-        if BRANCH == 3:
+        if BRANCH == NEG_ONE:
             return tl.minimum(es / et * zt_over_zs, clip) - 1.0
         log_w = (xt - xs) + log_ratio
-        if BRANCH == 1:
+        if BRANCH == REVERSE_KL:
             return tl.minimum(log_w, log_clip)
         return _expm1(tl.minimum(log_w * alpha, log_clip))
 
@@ -107,9 +112,9 @@ if triton is not None:
 
     @triton.jit
     def _divergence(statistic, alpha, BRANCH: tl.constexpr):
-        if BRANCH == 0:
+        if BRANCH == FORWARD_KL:
             return statistic
-        if BRANCH == 1:
+        if BRANCH == REVERSE_KL:
             return -statistic
         return statistic / (alpha * (alpha - 1.0))
 
@@ -221,10 +226,10 @@ if triton is not None:
     def _branch_gradient(xs, xt, es, et, q, p, stat, log_ratio, zt_over_zs, alpha, clip, log_clip,
                          BRANCH: tl.constexpr):
         """(d D / d s, q * rho of the surrogate, the probability whose zeros void a term)."""
-        if BRANCH == 0:
+        if BRANCH == FORWARD_KL:
             return q - p, p, p
         w = _clipped_weight(xs, xt, es, et, log_ratio, zt_over_zs, alpha, clip, log_clip, BRANCH)
-        if BRANCH == 1:
+        if BRANCH == REVERSE_KL:
             return tl.where(q == 0.0, 0.0, q * (stat - w)), q * (w - 1.0), q
         grad = tl.where(q == 0.0, 0.0, q * (stat - w) / alpha)
         return grad, q * ((w + 1.0) / alpha + 1.0 / (alpha * (alpha - 1.0))), q
@@ -262,6 +267,6 @@ def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
             NEED_HI=branch_hi != BRANCH_FORWARD_KL and alpha_min != alpha_max, HAS_MASK=mask is not None,
             HAS_DEVICE_ROW_WEIGHT=device_row_weight is not None, COMPUTE_GRAD=compute_grad, SURROGATE=surrogate,
             SINGLE_BLOCK=single_block, BLOCK=block, num_warps=num_warps)
-    if reduction == 0:
+    if reduction == REDUCTION_NONE:
         return row_values.to(value_dtype), grad
     return row_values.sum().to(value_dtype), grad

@@ -256,3 +256,31 @@ def test_torch_compile_fullgraph_equals_eager(gen):
     ref_value, ref_grad = value_and_grad(lambda s, t: loss_fn(s, t, mask), student, teacher)
     torch.testing.assert_close(value, ref_value, rtol=1e-6, atol=0)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-6, atol=1e-9)
+
+
+# -- the op's contract ------------------------------------------------------------------------
+
+def test_the_cpp_and_triton_ops_declare_one_schema_the_named_arguments_follow():
+    from alphadiv_kernels._contract import OpArgs
+
+    cpp = torch.ops.alphadiv.adaptive_kd.default._schema
+    assert [argument.name for argument in cpp.arguments] == list(OpArgs._fields)
+    if not hasattr(torch.ops.alphadiv, "adaptive_kd_triton"):
+        pytest.skip("the Triton op is not defined (no triton package)")
+    triton_op = torch.ops.alphadiv.adaptive_kd_triton.default._schema
+    describe = lambda schema: ([(a.name, str(a.type)) for a in schema.arguments],  # noqa: E731
+                               [str(r.type) for r in schema.returns])
+    assert describe(triton_op) == describe(cpp)
+
+
+def test_forcing_each_backend_names_why_it_cannot_run(monkeypatch):
+    from alphadiv_kernels import _contract, _extension
+
+    student, teacher = torch.randn(3, 5), torch.randn(3, 5)
+    monkeypatch.setattr(_extension, "HAS_CPU_EXTENSION", False)
+    with pytest.raises(RuntimeError, match="backend='cpu' is unavailable .*alphadiv_kernels._C"):
+        ak.fused_adaptive_kd(student, teacher, backend="cpu")
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors, got cpu"):
+        ak.fused_adaptive_kd(student, teacher, backend="cuda")
+    assert "cpu" not in ak.available_backends() and "reference" in ak.available_backends()
+    assert set(_contract.AUTO["cpu"]) <= set(_contract.BACKENDS)
