@@ -114,16 +114,14 @@ def write_outputs(rows: List[Row], out_dir: str, title: str) -> List[str]:
         writer.writerows(asdict(row) for row in rows)
     with replacing(md_path) as temporary, open(temporary, "w") as handle:
         handle.write(markdown(rows, title))
-    with replacing(png_path) as temporary:
-        plot(rows, temporary, title)
+    plot(rows, png_path, title)
     return [csv_path, md_path, png_path]
 
 
 def plot(rows: List[Row], path: str, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Median time per provider and shape (top), the fused providers' speedups (bottom), one column per
+    mode; written by the project's one figure helper (atomic PNG)."""
+    from supernet.report import plt, save_figure
 
     modes = sorted({row.mode for row in rows}, key=lambda m: m != "fwd")
     shapes = list(dict.fromkeys(row.shape for row in rows))
@@ -153,6 +151,4 @@ def plot(rows: List[Row], path: str, title: str) -> None:
         speed_axis.set_ylabel("speedup (x, log)")
         speed_axis.legend(fontsize=8)
     figure.suptitle(title)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110, format="png")
-    plt.close(figure)
+    save_figure(figure, path)

@@ -1,4 +1,5 @@
-"""Figures (one helper that writes every PNG atomically), the training-curve plot, the summary lines
+"""Figures of the project, the supernet commands and `python -m benchmarks` (one helper writes every PNG
+atomically), the training-curve plot, the summary lines
 and the per-width table of slimmable networks."""
 from __future__ import annotations
 
