@@ -328,7 +328,7 @@ def arch_or_width(args: argparse.Namespace, space):
     return load_arch(args.arch, space) if args.arch is not None else space.width_config(args.width)
 
 
-def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, exclude=()) -> None:
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, exclude=(), yaml: bool = True) -> None:
     """Every key of a config dataclass (but `exclude`) as `--key VALUE` (also `--key=VALUE`; the parser
     reads dashes as underscores), grouped in --help with its type, default and help. Values stay strings
     here; `overrides` collects them."""
@@ -336,7 +336,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type = None, excl
     types = field_types(cls)
     groups = dict.fromkeys(item.metadata["group"] for item in fields(cls))
     for group in groups:
-        section = parser.add_argument_group(f"{group} keys (also in the YAML file of --config)")
+        section = parser.add_argument_group(f"{group} keys" + (" (also in the YAML file of --config)" if yaml else ""))
         for item in fields(cls):
             if item.metadata["group"] != group or item.name in exclude:
                 continue

@@ -232,12 +232,14 @@ def chosen_classes(text: str, available: int) -> List[int]:
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet finetune", description=__doc__)
-    parser.add_argument("--lr", dest="lrs", type=lambda t: numbers(t, "--lr"), default=[0.01, 0.03, 0.1],
+    parser.add_argument("--lr", dest="lrs", metavar="LR[,LR...]", type=lambda t: numbers(t, "--lr"),
+                        default=[0.01, 0.03, 0.1],
                         help="LR, or a comma-separated grid for the hold-out search")
-    parser.add_argument("--weight_decay", dest="weight_decays", type=lambda t: numbers(t, "--weight_decay"),
+    parser.add_argument("--weight_decay", dest="weight_decays", metavar="WD[,WD...]",
+                        type=lambda t: numbers(t, "--weight_decay"),
                         default=[1e-5, 1e-4],
                         help="weight decay, or a grid")
-    add_config_arguments(parser, FinetuneConfig, exclude=GRID_KEYS)
+    add_config_arguments(parser, FinetuneConfig, exclude=GRID_KEYS, yaml=False)
     args = parser.parse_args(argv)
 
     def work() -> Dict[str, object]:
