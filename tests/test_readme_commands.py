@@ -86,6 +86,8 @@ RECIPES: Dict[str, Recipe] = {
         Recipe(needs=("run",), writes=("results.json",), prints="test top-1"),
     "alphanet search --checkpoint RUN_DIR": Recipe(" --iterations 1", needs=("run",),
                                                   writes=("RUN_DIR/search/pareto.json", "RUN_DIR/search/pareto.png")),
+    "torchrun --standalone --nproc_per_node=2 -m supernet.search --checkpoint RUN_DIR":
+        Recipe(" --iterations 1", needs=("run",), writes=("RUN_DIR/search/pareto.json",), prints="front:"),
     "alphanet export --checkpoint RUN_DIR --arch min --out exported":
         Recipe(needs=("run",), writes=("exported/model.pt2", "exported/weights.pt", "exported/arch.json")),
     "alphanet flops  --arch a4": Recipe(prints="443.5 MFLOPs, 11.81 M parameters"),
