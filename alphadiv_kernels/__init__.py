@@ -1,8 +1,8 @@
 """Fused adaptive alpha-divergence knowledge distillation (AlphaNet, ICML 2021) for PyTorch."""
-from .adaptive_kd import available_backends, fused_adaptive_kd
+from .adaptive_kd import available_backends, fused_adaptive_kd, symmetric_kl
 from .fused_linear import FusedLinearAdaptiveKDLoss, fused_linear_adaptive_kd
 from .loss import AdaptiveKDLoss
-from .reference import adaptive_kd_reference, alphanet_adaptive_loss_soft
+from .reference import adaptive_kd_reference, alphanet_adaptive_loss_soft, symmetric_kl_reference
 
 __all__ = [
     "AdaptiveKDLoss",
@@ -12,5 +12,7 @@ __all__ = [
     "available_backends",
     "fused_adaptive_kd",
     "fused_linear_adaptive_kd",
+    "symmetric_kl",
+    "symmetric_kl_reference",
 ]
 __version__ = "0.1.0"

@@ -132,6 +132,30 @@ def fused_adaptive_kd(
     return loss.reshape(args.leading_shape) if args.reduction == REDUCTION_NONE else loss
 
 
+# The op's two KL limits: alpha = 1 is KL(p || q), alpha = 0 is KL(q || p); the importance weight of the
+# latter unclipped (a bound fp32 holds: terms it would cut are below 1e-38 of a probability).
+UNCLIPPED = 3.0e38
+SYMMETRIC_KL_BRANCHES = (dict(alpha_min=1.0, alpha_max=1.0), dict(alpha_min=0.0, alpha_max=0.0, clip=UNCLIPPED))
+
+
+def symmetric_kl(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Symmetric KL distillation, ``T^2 (KL(p || q) + KL(q || p))`` (AlphaNet Table 3), as two calls of the
+    fused op: its forward-KL branch (alpha = 1) and its reverse-KL branch (alpha = 0, unclipped). Same
+    arguments as :func:`fused_adaptive_kd`; the student's gradient is the sum of the two."""
+    common = dict(temperature=temperature, reduction=reduction, mask=mask, backend=backend)
+    forward, reverse = (fused_adaptive_kd(student_logits, teacher_logits, **branch, **common)
+                        for branch in SYMMETRIC_KL_BRANCHES)
+    return forward + reverse
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library glue: fake implementation and autograd, shared by alphadiv::adaptive_kd (C++: CPU,
 # and CUDA where built) and alphadiv::adaptive_kd_triton (the Triton kernel, defined in Python).

@@ -157,3 +157,32 @@ def alphanet_adaptive_loss_soft(
     ind = torch.gt(loss_left, loss_right).float()
     loss = ind * grad_loss_left + (1.0 - ind) * grad_loss_right
     return loss.mean()
+
+
+def symmetric_kl_reference(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """T^2 (KL(p || q) + KL(q || p)) = T^2 sum_j (p_j - q_j) (log p_j - log q_j) per row, written out in
+    eager PyTorch and differentiated by autograd: the reference of :func:`symmetric_kl` (and the
+    Table 3 "symmetric KL" KD of the paper). Classes at -inf in both logits contribute nothing."""
+    args = validate_kd_arguments(student_logits, teacher_logits, alpha_min=1.0, alpha_max=1.0, clip=1.0,
+                                 temperature=temperature, reduction=reduction, value="divergence", mask=mask)
+    out_dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
+    compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    lq = F.log_softmax(args.student.to(compute_dtype) / temperature, dim=-1)
+    lp = F.log_softmax(args.teacher.detach().to(compute_dtype) / temperature, dim=-1)
+    q, p = lq.exp(), lp.exp()
+    # where a probability is 0 its log is -inf: 0 instead, so that the product and its gradient stay finite
+    rows = ((p - q) * (lp.where(p > 0, 0.0) - lq.where(q > 0, 0.0))).sum(-1) * temperature**2
+    weight = torch.ones_like(rows) if args.mask is None else args.mask.to(rows.dtype)
+    if args.reduction == REDUCTION_MEAN:
+        weight = weight / weight.sum().clamp(min=1)
+    rows = torch.where(weight != 0, rows * weight, 0.0)
+    if args.reduction == REDUCTION_NONE:
+        return rows.reshape(args.leading_shape).to(out_dtype)
+    return rows.sum().to(out_dtype)

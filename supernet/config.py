@@ -74,11 +74,14 @@ class RunConfig:
 class KDConfig(RunConfig):
     """A training command that distills: the divergence and its parameters."""
 
-    kd: str = key("adaptive", "distillation", "students' loss: adaptive (alpha-divergence) | kl | none (labels)")
+    kd: str = key("adaptive", "distillation", "students' loss: adaptive (alpha-divergence) | kl | symmetric "
+                                              "(KL(p||q) + KL(q||p)) | none (labels)")
     alpha_min: float = key(-1.0, "distillation", "negative alpha of the adaptive KD")
     alpha_max: float = key(1.0, "distillation", "positive alpha of the adaptive KD")
     kd_clip: float = key(5.0, "distillation", "clip of the importance weight (p/q)^alpha, > 0")
     kd_temperature: float = key(1.0, "distillation", "temperature T of the KD: T^2 D(teacher_T, student_T), (0, 100]")
+    kd_t_squared: bool = key(True, "distillation", "the KD term carries T^2 (Hinton, the paper's App. C); false: "
+                                                   "D(teacher_T, student_T) alone, as the reference's KLLossSoft")
 
 
 @dataclass
@@ -113,7 +116,7 @@ PRESETS: Dict[str, Dict[str, object]] = {
                      workers=4),
 }
 
-KD_CHOICES = ("adaptive", "kl", "none")
+KD_CHOICES = ("adaptive", "kl", "symmetric", "none")
 
 
 def validate_run(config: RunConfig, choices=(), positive=(), non_negative=(), fractions=()) -> None:

@@ -34,7 +34,7 @@ from torch import nn
 from torch.profiler import record_function
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from alphadiv_kernels import fused_adaptive_kd
+from alphadiv_kernels import fused_adaptive_kd, symmetric_kl
 
 from . import checkpoint as ckpt
 from . import runlog
@@ -54,11 +54,16 @@ INITIAL_LOSS_SCALE = 2.0**10  # fp16: small enough that the first steps rarely o
 
 
 def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, config: KDConfig) -> torch.Tensor:
-    """T^2 D_T(teacher || student) through `fused_adaptive_kd`: the adaptive alpha-divergence, or KL
-    (`kd kl`: both alphas 1)."""
-    alphas = (1.0, 1.0) if config.kd == "kl" else (config.alpha_min, config.alpha_max)
-    return fused_adaptive_kd(student, teacher, alpha_min=alphas[0], alpha_max=alphas[1], clip=config.kd_clip,
-                             temperature=config.kd_temperature)
+    """T^2 D_T(teacher || student) through the fused op: the adaptive alpha-divergence, KL (`kd kl`: both
+    alphas 1) or symmetric KL (`kd symmetric`: the op's KL and reverse-KL branches, summed); without the
+    T^2 where `kd_t_squared` is false."""
+    if config.kd == "symmetric":
+        divergence = symmetric_kl(student, teacher, temperature=config.kd_temperature)
+    else:
+        alphas = (1.0, 1.0) if config.kd == "kl" else (config.alpha_min, config.alpha_max)
+        divergence = fused_adaptive_kd(student, teacher, alpha_min=alphas[0], alpha_max=alphas[1],
+                                       clip=config.kd_clip, temperature=config.kd_temperature)
+    return divergence if config.kd_t_squared else divergence / config.kd_temperature**2
 
 
 # ---------------------------------------------------------------------------------------------

@@ -199,3 +199,16 @@ def check_against_reference(fn, student, teacher, *, value_rtol=1e-5, value_atol
     torch.testing.assert_close(value.double(), ref_value, rtol=value_rtol, atol=value_atol, equal_nan=True)
     assert_close_elementwise(grad, ref_grad, grad_rtol, grad_atol)
     return value, grad
+
+
+def check_symmetric_kl(fn, student, teacher, *, value_rtol=1e-5, value_atol=1e-7, grad_rtol=1e-4, **kwargs):
+    """fn (a symmetric KL) against `symmetric_kl_reference` in float64 on the same inputs: value, and the
+    student's gradient within the fp32 floor of each of its two KL terms."""
+    value, grad = value_and_grad(fn, student, teacher, **kwargs)
+    kwargs.pop("backend", None)
+    ref_value, ref_grad = value_and_grad(ak.symmetric_kl_reference, student.double(), teacher.double(), **kwargs)
+    floor = 2 * fp32_gradient_floor(student, teacher, kwargs.get("temperature", 1.0), kwargs.get("reduction", "mean"),
+                                    kwargs.get("mask"))
+    torch.testing.assert_close(value.double(), ref_value, rtol=value_rtol, atol=value_atol)
+    assert_close_elementwise(grad, ref_grad, grad_rtol, floor)
+    return value, grad

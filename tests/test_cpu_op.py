@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import alphadiv_kernels as ak
-from conftest import LOGIT_KINDS, check_against_reference, make_logits, value_and_grad
+from conftest import LOGIT_KINDS, check_against_reference, check_symmetric_kl, make_logits, value_and_grad
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
 
@@ -284,3 +284,24 @@ def test_forcing_each_backend_names_why_it_cannot_run(monkeypatch):
         ak.fused_adaptive_kd(student, teacher, backend="cuda")
     assert "cpu" not in ak.available_backends() and "reference" in ak.available_backends()
     assert set(_contract.AUTO["cpu"]) <= set(_contract.BACKENDS)
+
+
+# -- symmetric KL: the op's two KL branches -----------------------------------------------------
+
+@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("reduction,temperature", [("mean", 1.0), ("none", 2.0), ("sum", 0.5)])
+def test_symmetric_kl_matches_the_float64_reference(kind, reduction, temperature, gen):
+    student, teacher = make_logits(kind, 9, 37, gen)
+    check_symmetric_kl(ak.symmetric_kl, student, teacher, reduction=reduction, temperature=temperature,
+                       backend="cpu")
+
+
+def test_symmetric_kl_on_views_and_masks_and_at_p_equal_q(gen):
+    student, teacher = make_logits("random", 12, 40, gen)
+    mask = torch.rand(6, generator=gen) < 0.5
+    check_symmetric_kl(ak.symmetric_kl, student.t().contiguous().t()[::2, ::2], teacher[::2, ::2], mask=mask,
+                       backend="cpu")
+    value, grad = value_and_grad(ak.symmetric_kl, teacher, teacher.clone(), backend="cpu")
+    assert value.item() == 0.0 and grad.abs().max().item() < 1e-7
+    # the sum of the two KLs, not their max: different from the adaptive op at alphas (0, 1)
+    assert ak.symmetric_kl(student, teacher) > ak.fused_adaptive_kd(student, teacher, alpha_min=0.0, alpha_max=1.0)

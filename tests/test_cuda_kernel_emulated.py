@@ -22,7 +22,7 @@ import torch
 
 from alphadiv_kernels._validation import validate_kd_arguments
 from conftest import (LOGIT_KINDS, assert_bf16_rows_within_half_percent, check_against_reference,
-                      half_precision_tolerances, make_logits, value_and_grad)
+                      check_symmetric_kl, half_precision_tolerances, make_logits, value_and_grad)
 
 SOURCE = pathlib.Path(__file__).parent / "cuda_emulation" / "emulated_adaptive_kd.cpp"
 
@@ -182,3 +182,16 @@ def test_emulated_cuda_no_rows_and_no_gradient():
     student, teacher = torch.randn(4, 300), torch.randn(4, 300)
     value, grad = emulated_kernel().adaptive_kd(student, teacher, None, -1.0, 1.0, 5.0, 1.0, 2, False, False, 0)
     assert grad.numel() == 0 and torch.isfinite(value)
+
+
+@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("rows,cols", [(13, 37), (2, 20000)])
+def test_symmetric_kl_on_the_emulated_cuda_kernel_matches_the_float64_reference(kind, rows, cols, gen):
+    """`symmetric_kl`'s two branches, as the CUDA kernel computes them (warp and block launch paths)."""
+    from alphadiv_kernels.adaptive_kd import SYMMETRIC_KL_BRANCHES
+
+    def emulated_symmetric_kl(student, teacher, **kwargs):
+        return sum(emulated_cuda_kd(student, teacher, **branch, **kwargs) for branch in SYMMETRIC_KL_BRANCHES)
+
+    student, teacher = make_logits(kind, rows, cols, gen)
+    check_symmetric_kl(emulated_symmetric_kl, student, teacher, temperature=2.0)

@@ -18,10 +18,11 @@ pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CP
 QUICK = {"epochs": "2", "teacher_epochs": "2", "batch_size": "128"}
 
 
-@pytest.mark.parametrize("kd", ["adaptive", "kl"])
-@pytest.mark.parametrize("temperature", [1.0, 3.0])
-def test_the_loss_is_one_minus_beta_ce_plus_beta_t_squared_kd(gen, kd, temperature):
-    config = distill.resolve(values={"kd": kd, "kd_temperature": str(temperature), "beta": "0.7"})
+@pytest.mark.parametrize("kd", ["adaptive", "kl", "symmetric"])
+@pytest.mark.parametrize("temperature,t_squared", [(1.0, True), (3.0, True), (3.0, False)])
+def test_the_loss_is_one_minus_beta_ce_plus_beta_t_squared_kd(gen, kd, temperature, t_squared):
+    config = distill.resolve(values={"kd": kd, "kd_temperature": str(temperature), "beta": "0.7",
+                                     "kd_t_squared": str(t_squared)})
     student, teacher = torch.randn(16, 10, generator=gen, dtype=torch.float64), torch.randn(16, 10, generator=gen,
                                                                                              dtype=torch.float64)
     labels = torch.randint(0, 10, (16,), generator=gen)
@@ -29,10 +30,13 @@ def test_the_loss_is_one_minus_beta_ce_plus_beta_t_squared_kd(gen, kd, temperatu
     q, p = F.log_softmax(student / temperature, -1), F.log_softmax(teacher / temperature, -1)
     if kd == "kl":
         divergence = (p.exp() * (p - q)).sum(-1)
+    elif kd == "symmetric":  # KL(p || q) + KL(q || p)
+        divergence = (p.exp() * (p - q)).sum(-1) + (q.exp() * (q - p)).sum(-1)
     else:  # max of the clipped alpha = -1 and alpha = 1 divergences (no clip active for alpha = 1)
         reverse = ((q.exp() * torch.clamp(torch.exp(-(p - q)), max=5.0)).sum(-1) - 1) / 2
         divergence = torch.maximum(reverse, (p.exp() * (p - q)).sum(-1))
-    expected = 0.3 * F.cross_entropy(student, labels) + 0.7 * temperature**2 * divergence.mean()
+    scale = temperature**2 if t_squared else 1.0
+    expected = 0.3 * F.cross_entropy(student, labels) + 0.7 * scale * divergence.mean()
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)  # the CE term is computed in float32
 
 

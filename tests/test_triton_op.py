@@ -8,7 +8,7 @@ import torch
 
 import alphadiv_kernels as ak
 from alphadiv_kernels import triton_adaptive_kd
-from conftest import LOGIT_KINDS, check_against_reference, half_precision_tolerances, make_logits
+from conftest import LOGIT_KINDS, check_against_reference, check_symmetric_kl, half_precision_tolerances, make_logits
 
 pytestmark = pytest.mark.skipif("triton" not in ak.available_backends(), reason="Triton backend unavailable")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,3 +71,9 @@ def test_triton_rejects_float64_with_a_clear_error():
     with pytest.raises(TypeError, match="fp32"):
         triton_op(torch.randn(2, 3, dtype=torch.float64, device=DEVICE), torch.randn(2, 3, dtype=torch.float64,
                                                                                      device=DEVICE))
+
+
+@pytest.mark.parametrize("kind", LOGIT_KINDS)
+def test_symmetric_kl_on_the_triton_kernel_matches_the_float64_reference(kind, gen):
+    student, teacher = make_logits(kind, 5, 33, gen)
+    check_symmetric_kl(ak.symmetric_kl, student, teacher, temperature=1.5, backend="triton")
