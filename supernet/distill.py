@@ -35,6 +35,7 @@ from .config import (CommandLineParser, KDConfig, RunConfig, add_config_argument
 from .data import load_splits, num_classes
 from .errors import run_command
 from .evaluation import classification_metrics, to_device
+from .flops import count_with_hooks
 from .runtime import Runtime, make_autocast, print0, setup_runtime
 
 
@@ -173,18 +174,28 @@ class DistillTask(engine.Task):
         classes = num_classes(config.dataset, splits)
         self.config, self.role = config, role
         self.model = models.build(config.student, classes, config.seed, config.data_path or None)
+        self.size = (f"{count_with_hooks(self.model, config.image_size) / 1e6:.1f} MFLOPs at {config.image_size} "
+                     f"pixels, {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters")
         self.teacher = load_teacher(config, classes, runtime)
-        self.cache = None
+        self.cache, self.before = None, None
         if self.teacher is not None and config.cache_teacher:
             self.cache = cached_logits(self.teacher, splits["train"], config, runtime)
         self.curves = dict(losses={"train_loss": "training loss", "train_ce": "cross-entropy", "train_kd": "KD term"},
                            accuracies={"val_top1": role})
 
     def describe(self, run):
-        config = self.config
-        return (f"distilling into {config.student} ({self.role}) on {config.dataset}: {run.runtime.world} process(es) "
-                f"on {run.runtime.device}, kd={config.kd}, beta={config.beta}, T={config.kd_temperature}, "
-                f"{run.steps_per_epoch} steps/epoch, {config.epochs} epochs, amp={config.amp}; outputs in {config.out}")
+        config, runtime = self.config, run.runtime
+        return (f"distilling into {config.student} ({self.role}; {self.size}) on {config.dataset}: "
+                f"{runtime.world} process(es) on {runtime.device}, kd={config.kd}, beta={config.beta}, "
+                f"T={config.kd_temperature}, {run.steps_per_epoch} steps/epoch, {config.epochs} epochs, "
+                f"amp={config.amp}; outputs in {config.out}")
+
+    def before_training(self, run):
+        """A student with trained weights (`supernet:`, `export:`, a weights file): its calibrated test
+        top-1 before distillation, for the summary (Figure 5's inherited-weight fine-tuning)."""
+        if self.role == "student" and models.has_trained_weights(self.config.student):
+            self.before = self.evaluate(run, "test")["top1"]
+            print0(run.runtime, f"the student before distillation: test top-1 {self.before:.1f}%")
 
     def step(self, run, images, labels, indices):
         with record_function("forward"):
@@ -215,6 +226,9 @@ class DistillTask(engine.Task):
 
     def summary_lines(self, run, summary):
         lines = [f"{self.role} test top-1: {summary['test_top1']:.1f}%"]
+        if self.before is not None:
+            summary["test_top1_before"] = self.before
+            lines.append(f"{self.role} test top-1 before distillation: {self.before:.1f}%")
         if "test_teacher_top1" in summary:
             lines.append(f"teacher test top-1: {summary['test_teacher_top1']:.1f}%")
         return lines + [f"steps: {run.step} ({run.skipped} skipped for non-finite loss)",

@@ -82,6 +82,9 @@ class Task:
         """The line printed when the run starts."""
         raise NotImplementedError
 
+    def before_training(self, run: "Run") -> None:
+        """Called once, before the first step of a fresh run (not when one resumes)."""
+
     def step(self, run: "Run", images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Forward and backward of one batch (`indices`: its positions in the training split), each loss
         scaled by `run.scaler`; returns the detached losses named `loss_names`."""
@@ -494,6 +497,8 @@ def train_to_the_end(run: Run, stop_at_step: Optional[int] = None) -> Dict[str, 
     when stopped at `stop_at_step`). SIGINT / SIGTERM stop it at the next step boundary with a checkpoint
     (a second one stops at once) and raise `Interrupted`."""
     print0(run.runtime, run.task.describe(run))
+    if run.step == 0:
+        run.task.before_training(run)
     with stop_requests() as requested:
         run.model.train()
         while run.step < run.total_steps:

@@ -3,7 +3,9 @@
     arch:SPACE:ARCH        a subnet of a search space (ARCH: min, max, a0 ... a6, or a JSON file), fresh weights
     supernet:RUN_DIR[:ARCH]  a subnet of a trained supernet (default max), BN-recalibrated, trained weights
     export:DIR             a model written by `alphanet export` (arch.json + weights.pt)
-    torchvision:NAME[:FILE]  a torchvision classification model, weights from a local state-dict file
+    torchvision:NAME[:FILE][:width=W]  a torchvision classification model, weights from a local state-dict
+                           file; width=W scales a MobileNet's channels (the paper's Table 5 students:
+                           torchvision:mobilenet_v3_large:width=0.75)
 
 Nothing is downloaded: torchvision models start from random weights unless FILE is given. Every
 model is a plain `nn.Module` mapping images to logits; subnets resize the images to their
@@ -23,7 +25,7 @@ from .errors import brief
 from .model import ElasticSupernet, StaticSubnet, extract
 from .space import SPACES, get_space, load_arch
 
-SPEC_HELP = "arch:SPACE:ARCH, supernet:RUN_DIR[:ARCH], export:DIR or torchvision:NAME[:WEIGHTS_FILE]"
+SPEC_HELP = "arch:SPACE:ARCH, supernet:RUN_DIR[:ARCH], export:DIR or torchvision:NAME[:WEIGHTS_FILE][:width=W]"
 
 
 def fresh_subnet(space_name: str, arch_text: str, num_classes: int, seed: int) -> StaticSubnet:
@@ -66,12 +68,17 @@ def exported(folder: str) -> StaticSubnet:
     raise ValueError(f"export:{folder}: its arch.json and weights.pt match no search space of this version")
 
 
-def torchvision_model(name: str, weights_file: Optional[str], num_classes: int) -> nn.Module:
+def torchvision_model(name: str, weights_file: Optional[str], num_classes: int,
+                      width: Optional[float] = None) -> nn.Module:
     import torchvision
 
     if name not in torchvision.models.list_models(module=torchvision.models):
         raise ValueError(f"torchvision:{name} is not a torchvision classification model")
-    model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    options = {} if width is None else {"width_mult": width}
+    try:
+        model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
+    except TypeError:
+        raise ValueError(f"torchvision:{name} takes no width multiplier (width= is for the MobileNets)") from None
     if weights_file:
         try:
             state = torch.load(weights_file, map_location="cpu", weights_only=True)
@@ -84,6 +91,23 @@ def torchvision_model(name: str, weights_file: Optional[str], num_classes: int) 
     return model
 
 
+def has_trained_weights(spec: str) -> bool:
+    """Whether the spec's model starts from trained weights (a supernet's, an export's, a weights file)."""
+    kind, _, rest = spec.partition(":")
+    return kind in ("supernet", "export") or (kind == "torchvision" and
+                                              any(not part.startswith("width=") for part in rest.split(":")[1:]))
+
+
+def width_of(option: str, spec: str) -> float:
+    try:
+        width = float(option.partition("=")[2])
+    except ValueError:
+        width = 0.0
+    if not 0 < width <= 4:
+        raise ValueError(f"model {spec!r}: width=W needs a multiplier in (0, 4], e.g. width=0.75")
+    return width
+
+
 def build(spec: str, num_classes: int, seed: int = 0, data_path: Optional[str] = None) -> nn.Module:
     """The model a spec names (see the module doc); ValueError naming what is wrong."""
     kind, _, rest = spec.partition(":")
@@ -94,8 +118,12 @@ def build(spec: str, num_classes: int, seed: int = 0, data_path: Optional[str] =
         return trained_subnet(parts[0], parts[1] if len(parts) == 2 else "max", data_path)
     if kind == "export" and rest:
         return exported(rest)
-    if kind == "torchvision" and len(parts) in (1, 2):
-        return torchvision_model(parts[0], parts[1] if len(parts) == 2 else None, num_classes)
+    if kind == "torchvision" and parts:
+        options = [part for part in parts[1:] if part.startswith("width=")]
+        files = [part for part in parts[1:] if not part.startswith("width=")]
+        if len(options) <= 1 and len(files) <= 1:
+            return torchvision_model(parts[0], files[0] if files else None, num_classes,
+                                     width_of(options[0], spec) if options else None)
     raise ValueError(f"model {spec!r}: expected {SPEC_HELP}")
 
 

@@ -118,17 +118,35 @@ def test_distill_bad_input_is_one_line(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def exported_subnet(tmp_path_factory):
+def short_supernet(tmp_path_factory):
+    """A digits supernet after 2 epochs: its subnets are far from converged."""
     from supernet import train
     from supernet.config import resolve_config
 
-    folder = tmp_path_factory.mktemp("export")
+    folder = tmp_path_factory.mktemp("supernet")
     config = resolve_config("digits", overrides={"epochs": "2", "batch_size": "128", "num_random_subnets": "0",
                                                  "calib_images": "256", "out": str(folder / "run")})
     train.run_training(config)
-    cli_main(["export", "--checkpoint", config.out, "--arch", "max", "--out", str(folder / "export"),
+    return config.out
+
+
+@pytest.fixture(scope="module")
+def exported_subnet(short_supernet, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("export")
+    cli_main(["export", "--checkpoint", short_supernet, "--arch", "max", "--out", str(folder / "export"),
               "--calib-images", "256"])
     return str(folder / "export")
+
+
+def test_a_subnet_fine_tuned_with_inherited_weights_beats_itself_before(short_supernet, tmp_path, capsys):
+    """Figure 5's "#75ep" at laptop scale: the min subnet keeps the supernet's weights and classifier and
+    is distilled from the max subnet."""
+    config = distill.resolve(values={"student": f"supernet:{short_supernet}:min",
+                                     "teacher": f"supernet:{short_supernet}:max", "epochs": "3", "batch_size": "128",
+                                     "out": str(tmp_path / "ft")})
+    summary = distill.run_distill(config)
+    assert summary["test_top1"] > summary["test_top1_before"] + 5
+    assert "student test top-1 before distillation:" in capsys.readouterr().out
 
 
 def test_finetune_an_export_on_five_classes_replaces_the_classifier(exported_subnet, tmp_path, capsys):
@@ -236,3 +254,15 @@ def test_two_processes_distill_as_one_process(tmp_path, monkeypatch):
         torch.testing.assert_close(weights[1][name], tensor, rtol=1e-4, atol=1e-5)
     summary = json.load(open(os.path.join(double, "summary.json")))
     assert summary["test_top1"] == pytest.approx(one["test_top1"], abs=0.3)  # 359 test images: one image apart
+
+
+def test_a_torchvision_student_takes_a_width_multiplier():
+    from supernet.flops import count_with_hooks
+
+    full, narrow = (models.build(f"torchvision:mobilenet_v3_large{suffix}", 10) for suffix in ("", ":width=0.5"))
+    assert count_with_hooks(narrow, 224) < 0.4 * count_with_hooks(full, 224)
+    assert narrow.features[0][0].out_channels == 8 and full.features[0][0].out_channels == 16
+    for spec, fragment in (("torchvision:resnet18:width=0.5", "takes no width multiplier"),
+                           ("torchvision:mobilenet_v2:width=big", "width=W needs a multiplier")):
+        with pytest.raises(ValueError, match=fragment):
+            models.build(spec, 10)
