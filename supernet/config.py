@@ -91,6 +91,11 @@ class TrainConfig(KDConfig):
     space: str = key("tiny", "supernet", "search space: alphanet | tiny | digits | slim_mbv1 | slim_mbv2 | "
                                          "slim_mbv1_digits | slim_mbv2_digits")
     num_random_subnets: int = key(2, "supernet", "random subnets per step, besides the max and the min")
+    sampler: str = key("uniform", "supernet", "how the random subnets are drawn: uniform (AlphaNet) | attentive "
+                                              "(AttentiveNAS: the best or worst of k at a FLOPs target)")
+    attentive_candidates: int = key(3, "supernet", "attentive sampler: candidates per slot, k (BestUp-3: 3)")
+    attentive_choice: str = key("best", "supernet", "attentive sampler: keep the candidate of lowest (best) or "
+                                                    "highest (worst) minibatch loss")
     dropout: float = key(0.0, "supernet", "dropout before the classifier, max subnet only")
     drop_connect: float = key(0.0, "supernet", "drop-connect rate, max subnet only, last two stages")
     bn_momentum: float = key(0.1, "supernet", "momentum of the BN running statistics in training (0: never updated)")
@@ -242,7 +247,9 @@ def check_ranges(config, choices: Dict[str, tuple], positive=(), non_negative=()
 
 def validate(config: TrainConfig) -> None:
     """Raise ValueError naming the first bad key: choices, ranges, finiteness and consistency."""
-    validate_run(config, {"space": tuple(SPACES)}, positive=("calib_images",), non_negative=("num_random_subnets",),
+    validate_run(config, {"space": tuple(SPACES), "sampler": ("uniform", "attentive"),
+                          "attentive_choice": ("best", "worst")},
+                 positive=("calib_images", "attentive_candidates"), non_negative=("num_random_subnets",),
                  fractions=("dropout", "drop_connect", "bn_momentum"))
     validate_kd(config)
     smallest = SPACES[config.space].total_stride

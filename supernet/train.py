@@ -19,6 +19,7 @@ import random
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
 
@@ -28,7 +29,7 @@ from .config import (CommandLineParser, TrainConfig, add_config_arguments, confi
                      positive_int, resolve_config, to_dict)
 from .data import load_splits, num_classes
 from .errors import run_command
-from .flops import flops_and_params
+from .flops import flops_and_params, mflops
 from .model import ElasticSupernet
 from .report import summary_lines, width_table_lines, write_width_table
 from .runtime import Runtime, setup_runtime
@@ -39,6 +40,51 @@ def sample_subnets(space: SearchSpace, seed: int, step: int, count: int) -> List
     """The random subnets of a step: the same on every process, and on a resumed run."""
     rng = random.Random(f"alphanet-subnets/{seed}/{step}")
     return [space.random_config(rng) for _ in range(count)]
+
+
+ATTENTIVE_FLOPS_BINS = 40  # AttentiveNAS discretises FLOPs in 25-MFLOP steps over its ~200-1200 MFLOPs
+ATTENTIVE_TRIALS = 100  # draws per candidate before one off the target is accepted anyway, as AttentiveNAS
+
+
+def flops_matched_candidates(space: SearchSpace, rng: random.Random, count: int) -> List[ArchConfig]:
+    """AttentiveNAS's candidates of one slot: a FLOPs target drawn as the FLOPs bin of a random subnet
+    (the FLOPs distribution of the space), then `count` random subnets in that bin."""
+    low, high = (mflops(space, arch) for arch in (space.min_config(), space.max_config()))
+    step = max(high - low, 1e-9) / ATTENTIVE_FLOPS_BINS
+
+    def flops_bin(arch: ArchConfig) -> int:
+        return round((mflops(space, arch) - low) / step)
+
+    target = flops_bin(space.random_config(rng))
+    candidates = []
+    for _ in range(count):
+        for _trial in range(ATTENTIVE_TRIALS + 1):
+            arch = space.random_config(rng)
+            if flops_bin(arch) == target:
+                break
+        candidates.append(arch)
+    return candidates
+
+
+@torch.no_grad()
+def attentive_subnets(model: ElasticSupernet, images: torch.Tensor, labels: torch.Tensor, config: TrainConfig,
+                      step: int, runtime: Runtime, autocast) -> List[ArchConfig]:
+    """AttentiveNAS's BestUp / WorstUp without a predictor: per slot, k FLOPs-matched candidates scored by
+    their label-smoothed cross-entropy on this minibatch (the reference's training criterion), the
+    lowest (best) or highest (worst) kept. The scores are summed over processes, so every process keeps
+    the same subnet; reading them costs one host sync per slot."""
+    chosen = []
+    for slot in range(config.num_random_subnets):
+        rng = random.Random(f"alphanet-attentive/{config.seed}/{step}/{slot}")
+        candidates = flops_matched_candidates(model.space, rng, config.attentive_candidates)
+        with record_function("attentive sampling"), autocast():
+            scores = torch.stack([F.cross_entropy(model(images, arch).float(), labels,
+                                                  label_smoothing=config.label_smoothing) for arch in candidates])
+        if runtime.world > 1:
+            dist.all_reduce(scores)
+        pick = scores.argmin() if config.attentive_choice == "best" else scores.argmax()
+        chosen.append(candidates[int(pick)])
+    return chosen
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
@@ -89,11 +135,16 @@ class SupernetTask(engine.Task):
         config = self.config
         return (f"training {self.space.name} supernet on {config.dataset}: {run.runtime.world} process(es) on "
                 f"{run.runtime.device}, {run.steps_per_epoch} steps/epoch, {config.epochs} epochs, kd={config.kd}, "
+                f"sampler={config.sampler}, "
                 f"amp={config.amp}; outputs in {config.out}")
 
     def step(self, run, images, labels, indices):
-        subnets = sample_subnets(self.space, self.config.seed, run.step, self.config.num_random_subnets)
-        return sandwich_backward(self.model, images, labels, subnets, self.config, run.autocast, run.scaler)
+        config = self.config
+        if config.sampler == "attentive":
+            subnets = attentive_subnets(self.model, images, labels, config, run.step, run.runtime, run.autocast)
+        else:
+            subnets = sample_subnets(self.space, config.seed, run.step, config.num_random_subnets)
+        return sandwich_backward(self.model, images, labels, subnets, config, run.autocast, run.scaler)
 
     def subnet_top1(self, run: engine.Run, loader, subnet: ArchConfig) -> float:
         """The supernet BN-recalibrated for one subnet, then evaluated (its BN statistics are left as that

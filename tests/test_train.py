@@ -446,3 +446,44 @@ def test_profile_prints_the_split_of_a_step_and_writes_the_trace(tmp_path, capsy
     assert forward > 0
     assert json.load(open(out / "profile_trace.json"))["traceEvents"]
     assert len(step_losses(out)) == 3 and os.path.exists(out / "checkpoint.pt")  # stopped with a checkpoint
+
+
+# -- attentive sampling (AttentiveNAS BestUp / WorstUp) ------------------------------------------
+
+@pytest.mark.parametrize("choice", ["best", "worst"])
+def test_attentive_sampling_keeps_the_best_or_worst_of_k_flops_matched_candidates(choice):
+    import contextlib
+    import random
+
+    import torch.nn.functional as F
+
+    from supernet.data import digits_splits
+    from supernet.flops import mflops
+    from supernet.model import ElasticSupernet
+    from supernet.space import DIGITS
+
+    config = resolve_config("digits", overrides={"sampler": "attentive", "attentive_choice": choice,
+                                                 "attentive_candidates": "4", "num_random_subnets": "2"})
+    torch.manual_seed(0)
+    model = ElasticSupernet(DIGITS)
+    images, labels = digits_splits()["train"].tensors
+    images, labels = images[:64], labels[:64]
+    runtime = train.Runtime(0, 1, torch.device("cpu"))
+    chosen = train.attentive_subnets(model, images, labels, config, 7, runtime, contextlib.nullcontext)
+    assert chosen == train.attentive_subnets(model, images, labels, config, 7, runtime, contextlib.nullcontext)
+    for slot, subnet in enumerate(chosen):
+        rng = random.Random(f"alphanet-attentive/{config.seed}/7/{slot}")
+        candidates = train.flops_matched_candidates(DIGITS, rng, 4)
+        with torch.no_grad():
+            losses = [F.cross_entropy(model(images, arch), labels, label_smoothing=0.1).item() for arch in candidates]
+        pick = min if choice == "best" else max
+        assert subnet == candidates[losses.index(pick(losses))]
+        flops = [mflops(DIGITS, arch) for arch in candidates]
+        low, high = mflops(DIGITS, DIGITS.min_config()), mflops(DIGITS, DIGITS.max_config())
+        assert max(flops) - min(flops) <= (high - low) / train.ATTENTIVE_FLOPS_BINS + 1e-9  # one FLOPs bin
+
+
+def test_a_run_with_attentive_sampling_trains(tmp_path):
+    config = small_config(tmp_path, "attentive", epochs="1", sampler="attentive", attentive_candidates="2")
+    summary = train.run_training(config)
+    assert summary["step"] == 9 and 0 <= summary["test_top1_min"] <= 100
