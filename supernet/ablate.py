@@ -414,6 +414,17 @@ def open_folder(out: str, plan: Plan) -> None:
     atomic_write(os.path.join(out, "plan.json"), json.dumps(plan.to_json(), indent=1).encode())
 
 
+def draw_boxplot(plan: Plan, out: str, per_group: int) -> List[str]:
+    """`alphanet boxplot` over the finished runs: one box per grid point, its seeds pooled."""
+    from .boxplot import boxplot
+    from .evaluation import TrainedSupernet
+
+    runs = {point_label(point): [TrainedSupernet.load(run_folder(out, point, seed)) for seed in plan.seeds]
+            for point in plan.points}
+    boxplot(runs, 4, per_group, "test", None, out)
+    return [os.path.join(out, name) for name in ("groups.csv", "groups.json", "groups.png")]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = CommandLineParser(prog="alphanet ablate", description=__doc__)
     parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
@@ -426,8 +437,12 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each gets cores / jobs threads)")
     parser.add_argument("--out", default=None,
                         help="ablation folder (default runs/ablation-<preset>-<digest of the command's settings>)")
+    parser.add_argument("--boxplot", type=int, default=0, metavar="N",
+                        help="also draw Figure 4's box plots: N subnets per FLOPs group (4 groups), the same in every "
+                             "run, their test top-1 pooled over the seeds of each grid point (alphanet boxplot)")
     add_config_arguments(parser, exclude=("seed", "out"))  # set per run by --seeds and the ablation folder
     args = parser.parse_args(argv)
+
     def ablate() -> List[str]:
         if args.jobs < 1:
             raise ValueError(f"--jobs must be at least 1, got {args.jobs}")
@@ -441,7 +456,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"{len(plan.points) * len(plan.seeds)} runs in {out} (baseline: {point_label(plan.baseline)})",
                   flush=True)
             results = run_all(plan, out, args.jobs)
-            return write_outputs(plan, out, aggregate(plan, results), results)
+            paths = write_outputs(plan, out, aggregate(plan, results), results)
+            if args.boxplot > 0:
+                paths += draw_boxplot(plan, out, args.boxplot)
+            return paths
 
     paths = run_command("alphanet ablate", ablate, kept="finished runs are kept, rerun the same command to continue")
     with open(paths[0]) as handle:

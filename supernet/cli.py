@@ -12,6 +12,7 @@ SUBCOMMANDS = {  # name: (module, help)
     "eval": ("evaluate", "calibrated evaluation of subnets"),
     "search": ("search", "evolutionary search for the accuracy-vs-FLOPs front"),
     "export": ("export", "a subnet as a standalone model"),
+    "boxplot": ("boxplot", "accuracy of sampled subnets per FLOPs group, one box per run (Figures 4, 9, 10)"),
     "convert": ("convert", "a supernet checkpoint of the AlphaNet reference code, in this project's format"),
     "distill": ("distill", "a student from a fixed teacher: (1 - beta) CE + beta T^2 adaptive KD"),
     "finetune": ("finetune", "transfer a trained model to new classes or data (hold-out LR / WD search)"),

@@ -92,7 +92,7 @@ def test_outputs_hold_the_table_csv_json_and_plot(tmp_path):
 def test_killed_ablation_resumes_without_rerunning_finished_runs(tmp_path):
     out = str(tmp_path / "ablation")
     command = [sys.executable, "-m", "supernet.cli", "ablate", "--grid", "kd=kl,adaptive", "--seeds", "0",
-               "--epochs", "1", "--calib_images", "64", "--out", out]
+               "--epochs", "1", "--calib_images", "64", "--boxplot", "2", "--out", out]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     first = os.path.join(out, "runs", "kd-kl", "seed-0", "summary.json")
@@ -109,6 +109,9 @@ def test_killed_ablation_resumes_without_rerunning_finished_runs(tmp_path):
     assert os.path.getmtime(first) == stamp  # not run again
     record = json.load(open(os.path.join(out, "ablation.json")))
     assert [run["point"] for run in record["runs"]] == ["kd=kl", "kd=adaptive"]
+    groups = json.load(open(os.path.join(out, "groups.json")))  # --boxplot: one box per point and FLOPs group
+    assert [row["label"] for row in groups] == ["kd=kl"] * 4 + ["kd=adaptive"] * 4
+    assert os.path.exists(os.path.join(out, "groups.png"))
     steps = [json.loads(line)["step"] for line in open(os.path.join(out, "runs", "kd-adaptive", "seed-0",
                                                                        "steps.jsonl"))]
     assert steps == sorted(set(steps))  # every step of the resumed run exactly once

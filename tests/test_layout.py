@@ -8,7 +8,7 @@ import os
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "supernet")
-COMMANDS = {"cli", "train", "distill", "finetune", "evaluate", "search", "export", "convert", "ablate"}
+COMMANDS = {"cli", "train", "distill", "finetune", "evaluate", "search", "export", "convert", "ablate", "boxplot"}
 ENGINE = {"engine"}
 
 
