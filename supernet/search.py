@@ -1,15 +1,17 @@
 """`alphanet search`: evolutionary search for the accuracy-vs-FLOPs Pareto front (AlphaNet / AttentiveNAS).
 
-As the reference's `parallel_supernet_evo_search.py`: an initial population (the min subnet, then
-random subnets within a FLOPs window) is evaluated; then each iteration breeds children from the
-archive that keeps the best subnet of every `bucket_mflops`-wide FLOPs bucket (10 MFLOPs for
-ImageNet) of everything evaluated so far, by mutation (each gene, with probability 0.2, replaced by
-a different value) and crossover (each gene from either parent), keeps those in the window, and
-evaluates them. Unlike the reference, a child evaluated before is not evaluated again. Every
-candidate is BN-calibrated and evaluated on the validation split, never the test split. Under
-torchrun the candidates of a round are split across processes; the search itself is driven by one
-seeded RNG, so the results do not depend on the number of processes. After each finished iteration
-the state is saved; a killed search resumes from there.
+As the reference's `parallel_supernet_evo_search.py`: `iterations` rounds of evaluation, the first on an
+initial population (the min subnet, then random subnets within a FLOPs window); each later round
+evaluates the children bred from the archive that keeps the best subnet of every `bucket_mflops`-wide
+FLOPs bucket (10 MFLOPs for ImageNet) of everything evaluated so far, by mutation (each gene, with
+probability 0.2, replaced by a different value) and crossover (each gene from either parent), in the
+window. The reference's 20 iterations of 512 / 128 + 128 thus evaluate 512 + 19 x 256 = 5,376 subnets
+(the children it breeds in its last iteration are never evaluated, and are not bred here). Unlike the
+reference, a child evaluated before is not evaluated again. Every candidate is BN-calibrated and
+evaluated on the validation split, never the test split. Under torchrun the candidates of a round are
+split across processes; the search itself is driven by one seeded RNG, so the results do not depend on
+the number of processes. After each finished iteration the state is saved; a killed search resumes from
+there.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ from .space import ArchConfig, load_arch
 # The reference's search: 512 / 128 / 128 / 20 in 200-1200 MFLOPs, 10-MFLOP buckets, 32 x 256 calibration
 # images. The digits preset calibrates on 256 of the ~1,300 training digits: a search in well under a minute.
 PRESETS = {
-    "digits": dict(population=32, mutations=8, crossovers=8, iterations=4, bucket_mflops=0.05,
+    "digits": dict(population=32, mutations=8, crossovers=8, iterations=5, bucket_mflops=0.05,
                    min_mflops=None, max_mflops=None, calib_images=256),
     "imagenet": dict(population=512, mutations=128, crossovers=128, iterations=20, bucket_mflops=10.0,
                      min_mflops=200.0, max_mflops=1200.0, calib_images=32 * 256),
@@ -136,10 +138,12 @@ class EvolutionarySearch:
             population += [space.random_config_in_window(rng, lambda a: mflops(space, a), *self.window)
                            for _ in range(self.config.population - len(population))]
             archive = self.evaluate_all(population)
-            iteration = 0
+            iteration = 1  # the initial population is the first round
             self._save_state(archive, iteration, rng)
         else:
             archive, iteration = state["archive"], state["iteration"]
+            if "rounds" not in state:  # written before rounds counted the initial population
+                iteration += 1
             rng.setstate(_tuple_state(state["rng"]))
             self._log(f"resuming after iteration {iteration} ({len(archive)} subnets evaluated)")
         while iteration < self.config.iterations:
@@ -159,8 +163,8 @@ class EvolutionarySearch:
     def _save_state(self, archive, iteration: int, rng: random.Random) -> None:
         if self.rank != 0:
             return
-        atomic_write(self.state_path, json.dumps({"archive": archive, "iteration": iteration, "rng": rng.getstate(),
-                                                  "config": self.config.__dict__}).encode())
+        atomic_write(self.state_path, json.dumps({"archive": archive, "iteration": iteration, "rounds": True,
+                                                  "rng": rng.getstate(), "config": self.config.__dict__}).encode())
 
     def _load_state(self) -> Optional[Dict[str, object]]:
         if not os.path.exists(self.state_path):
@@ -203,7 +207,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--population", type=positive_int, help="initial population (imagenet 512)")
     parser.add_argument("--mutations", type=int, help="children by mutation per iteration (imagenet 128)")
     parser.add_argument("--crossovers", type=int, help="children by crossover per iteration (imagenet 128)")
-    parser.add_argument("--iterations", type=int, help="iterations after the initial population (imagenet 20)")
+    parser.add_argument("--iterations", type=positive_int,
+                        help="rounds of evaluation, the first on the initial population (imagenet 20: 5,376 subnets)")
     parser.add_argument("--bucket_mflops", type=float, help="width of the archive's FLOPs buckets (imagenet 10)")
     parser.add_argument("--mutation_prob", type=float, default=0.2, help="probability of mutating each gene")
     parser.add_argument("--min_mflops", type=float, help="FLOPs window (imagenet 200; digits: the min subnet's)")
@@ -215,7 +220,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     add_evaluation_arguments(parser, "training images for BN calibration of each subnet (imagenet 8192, digits 256; "
                                      "at most the training split)")  # under torchrun: each process its own GPU
     args = parser.parse_args(argv)
-    for name in ("mutations", "crossovers", "iterations"):
+    for name in ("mutations", "crossovers"):
         if getattr(args, name) is not None and getattr(args, name) < 0:
             parser.error(f"--{name} must be 0 or more")
     if args.bucket_mflops is not None and not args.bucket_mflops > 0:

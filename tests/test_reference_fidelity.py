@@ -374,6 +374,16 @@ def test_conversion_never_runs_pickled_code(tmp_path):
 def test_search_can_seed_its_initial_population_with_given_archs(tmp_path):
     rng = random.Random(5)
     seeds = tuple(DIGITS.random_config(rng) for _ in range(2))
-    config = SearchConfig(population=6, mutations=0, crossovers=0, iterations=0, bucket_mflops=0.2, seeds=seeds)
+    config = SearchConfig(population=6, mutations=0, crossovers=0, iterations=1, bucket_mflops=0.2, seeds=seeds)
     archive = EvolutionarySearch(_FakeTrained(), config, str(tmp_path)).run()
     assert [point["arch"] for point in archive[:3]] == [DIGITS.min_config(), *seeds] and len(archive) == 6
+
+
+def test_search_evaluates_the_reference_count_the_first_iteration_being_the_initial_population(tmp_path):
+    """The reference's 20 iterations of 512 / 128 + 128 evaluate 512 + 19 x 256 = 5,376 subnets."""
+    config = SearchConfig(population=12, mutations=3, crossovers=3, iterations=4, bucket_mflops=0.2, seed=1)
+    archive = EvolutionarySearch(_FakeTrained(), config, str(tmp_path)).run()
+    assert len(archive) == 12 + (4 - 1) * (3 + 3)
+    one_round = SearchConfig(population=12, mutations=3, crossovers=3, iterations=1, bucket_mflops=0.2, seed=1)
+    (tmp_path / "one").mkdir()
+    assert len(EvolutionarySearch(_FakeTrained(), one_round, str(tmp_path / "one")).run()) == 12
