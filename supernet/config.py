@@ -45,6 +45,8 @@ class RunConfig:
     dataset: str = key("digits", "data", "digits | digits_lowdata (bundled, no download) | cifar10 | imagefolder")
     data_path: str = key("", "data", "folder of cifar10 / imagefolder data")
     image_size: int = key(32, "data", "training crop / evaluation size of the images (pixels)")
+    augment: str = key("autoaugment", "data", "imagefolder training augmentation: autoaugment (AttentiveNAS, "
+                                              "AlphaNet) | usnets (US-Nets' imagenet1k_mobile)")
     label_smoothing: float = key(0.1, "optimisation", "label smoothing of the cross-entropy with the labels")
     epochs: int = key(30, "optimisation", "training epochs")
     batch_size: int = key(64, "optimisation", "images per process and step")
@@ -113,6 +115,12 @@ PRESETS: Dict[str, Dict[str, object]] = {
     "slim-imagenet": dict(dataset="imagefolder", space="slim_mbv2", image_size=224, num_random_subnets=2,
                           epochs=360, batch_size=128, lr_per_256=0.1, warmup_epochs=0, weight_decay=1e-5,
                           dropout=0.2, kd="adaptive", calib_images=2048, channels_last=True, workers=4),
+    # The same with US-Nets' recipe (imagenet1k_mobile), which the paper says its slimmable runs follow: its
+    # augmentation, no label smoothing, no gradient clip
+    "slim-imagenet-usnets": dict(dataset="imagefolder", space="slim_mbv2", image_size=224, num_random_subnets=2,
+                                 epochs=360, batch_size=128, lr_per_256=0.1, warmup_epochs=0, weight_decay=1e-5,
+                                 dropout=0.2, kd="adaptive", calib_images=2048, channels_last=True, workers=4,
+                                 augment="usnets", label_smoothing=0.0, grad_clip_value=0.0),
     # AlphaNet's training config: 64 processes x 32 images = 2048 at LR 0.8, 64 x 32 calibration images
     "imagenet": dict(dataset="imagefolder", space="alphanet", image_size=224, num_random_subnets=2, epochs=360,
                      batch_size=32, lr_per_256=0.1, warmup_epochs=5, weight_decay=1e-5, label_smoothing=0.1,
@@ -127,7 +135,8 @@ KD_CHOICES = ("adaptive", "kl", "symmetric", "none")
 def validate_run(config: RunConfig, choices=(), positive=(), non_negative=(), fractions=()) -> None:
     """The checks of the keys every training command shares, plus a command's own; ValueError naming
     the first bad key."""
-    check_ranges(config, {"dataset": DATASETS, "amp": ("bf16", "fp16", "off"), **dict(choices)},
+    check_ranges(config, {"dataset": DATASETS, "amp": ("bf16", "fp16", "off"), "augment": ("autoaugment", "usnets"),
+                          **dict(choices)},
                  ("epochs", "batch_size", "eval_batch_size", "max_nonfinite_steps", "image_size", "log_every",
                   "lr_per_256", *positive),
                  ("warmup_epochs", "workers", "seed", "checkpoint_every", "weight_decay", "grad_clip_value",
@@ -136,6 +145,11 @@ def validate_run(config: RunConfig, choices=(), positive=(), non_negative=(), fr
     if not is_bundled(config.dataset) and not config.data_path:
         raise ValueError(f"dataset {config.dataset!r} needs a data folder (--data_path; the same key for "
                          "eval / search / export)")
+    if config.augment != "autoaugment" and config.dataset != "imagefolder":
+        raise ValueError(f"config key 'augment' chooses an ImageFolder's augmentation; {config.dataset!r} has its own")
+    if config.decode_on_device and config.augment != "autoaugment":
+        raise ValueError("config key 'decode_on_device' runs the autoaugment pipeline on the GPU; with augment "
+                         f"{config.augment!r} the images are augmented by the workers (decode_on_device false)")
     if config.decode_on_device and config.dataset != "imagefolder":
         raise ValueError(f"config key 'decode_on_device' decodes image files: it needs dataset imagefolder, not "
                          f"{config.dataset!r}")

@@ -7,8 +7,11 @@ batches, read directly) holds out 5000 training images (a tenth of smaller sets)
 split and tests on its test batch; an ImageFolder root has train/ and val/ (and test/, else val
 doubles as test).
 
-ImageFolder uses the AlphaNet reference's ImageNet pipeline: training images get a bicubic
-RandomResizedCrop to `image_size`, a horizontal flip and AutoAugment (torchvision's ImageNet policy);
+ImageFolder uses the AlphaNet reference's ImageNet pipeline (`augment autoaugment`): training images
+get a bicubic RandomResizedCrop to `image_size`, a horizontal flip and AutoAugment (torchvision's
+ImageNet policy); or US-Nets' `imagenet1k_mobile` pipeline (`augment usnets`): a bilinear
+RandomResizedCrop of scale (0.25, 1), colour jitter 0.4 (brightness, contrast, saturation), AlexNet's
+PCA lighting noise of standard deviation 0.1 and a horizontal flip;
 evaluation images are resized (bicubic) to `image_size * 256 / 224` on the short side and centre-
 cropped to `image_size`. The model then resizes to each subnet's resolution. Files are decoded by
 torchvision (`decode_rgb`) and transformed as uint8 tensors with transforms v2, converted to float
@@ -113,7 +116,14 @@ def decode_rgb(path: str) -> torch.Tensor:
             return pil_to_tensor(image.convert("RGB"))
 
 
-def imagenet_transforms(image_size: int):
+AUGMENTATIONS = ("autoaugment", "usnets")
+USNETS_CROP_SCALE, USNETS_JITTER, USNETS_LIGHTING = (0.25, 1.0), 0.4, 0.1
+# ImageNet's RGB principal components (AlexNet's lighting noise), as US-Nets' utils/transforms.py
+IMAGENET_EIGVAL = (0.2175, 0.0188, 0.0045)
+IMAGENET_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+def imagenet_transforms(image_size: int, augment: str = "autoaugment"):
     """(training, evaluation) transforms of the reference's ImageNet pipeline (see the module doc), from
     `decode_rgb`'s uint8 tensors to uint8 [H, W, 3] tensors: the crop is cut before it is resized,
     AutoAugment runs on the crop through PIL's C operations (twice as fast as its tensor operations
@@ -121,13 +131,33 @@ def imagenet_transforms(image_size: int):
     from torchvision.transforms import v2
 
     bicubic = v2.InterpolationMode.BICUBIC
-    training = v2.Compose([
-        v2.RandomResizedCrop(image_size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip(),
-        PILAutoAugment()])
+    if augment == "usnets":
+        training = v2.Compose([v2.RandomResizedCrop(image_size, scale=USNETS_CROP_SCALE, antialias=True),
+                               v2.ColorJitter(USNETS_JITTER, USNETS_JITTER, USNETS_JITTER), Lighting(USNETS_LIGHTING),
+                               v2.RandomHorizontalFlip(), channels_last_bytes])
+    else:
+        training = v2.Compose([
+            v2.RandomResizedCrop(image_size, interpolation=bicubic, antialias=True), v2.RandomHorizontalFlip(),
+            PILAutoAugment()])
     evaluation = v2.Compose([
         v2.Resize(int(image_size * 256 / 224), interpolation=bicubic, antialias=True), v2.CenterCrop(image_size),
         channels_last_bytes])
     return training, evaluation
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet's lighting noise on a uint8 [3, H, W] image: every pixel shifted by sum_i alpha_i * eigval_i *
+    eigvec_i with alpha ~ N(0, std^2), in 0-255 units (US-Nets adds it in 0-1 units to uint8 pixels,
+    where the rounding leaves shifts of 0 or -1; the noise it means is this one)."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+        self.register_buffer("basis", torch.tensor(IMAGENET_EIGVEC) * torch.tensor(IMAGENET_EIGVAL))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        shift = self.basis @ (torch.randn(3) * self.std) * 255.0
+        return (image.float() + shift[:, None, None]).round_().clamp_(0, 255).to(torch.uint8)
 
 
 class PILAutoAugment(torch.nn.Module):
@@ -238,14 +268,14 @@ def _device_training_transform(image_size: int):
                        v2.RandomHorizontalFlip(), v2.AutoAugment(v2.AutoAugmentPolicy.IMAGENET)])
 
 
-def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
+def imagefolder_splits(root: str, image_size: int, augment: str = "autoaugment") -> Dict[str, Dataset]:
     from torchvision import datasets
 
     _require_folder(root, "ImageFolder")
     for split in ("train", "val"):
         _require_folder(os.path.join(root, split), f"ImageFolder needs {split}/ under {root!r}")
-    augment, plain = imagenet_transforms(image_size)
-    splits = {"train": datasets.ImageFolder(os.path.join(root, "train"), augment, loader=decode_rgb),
+    training, plain = imagenet_transforms(image_size, augment)
+    splits = {"train": datasets.ImageFolder(os.path.join(root, "train"), training, loader=decode_rgb),
               "val": datasets.ImageFolder(os.path.join(root, "val"), plain, loader=decode_rgb)}
     test_root = os.path.join(root, "test")
     splits["test"] = (datasets.ImageFolder(test_root, plain, loader=decode_rgb) if os.path.isdir(test_root)
@@ -253,14 +283,21 @@ def imagefolder_splits(root: str, image_size: int) -> Dict[str, Dataset]:
     return splits
 
 
-def load_splits(dataset: str, data_path: str = "", image_size: int = 32) -> Dict[str, Dataset]:
+def load_splits(dataset: str, data_path: str = "", image_size: int = 32,
+                augment: str = "autoaugment") -> Dict[str, Dataset]:
+    """train / val / test of a dataset; `augment` chooses the training augmentation of an ImageFolder."""
     if is_bundled(dataset):
         return digits_splits(dataset)
     if dataset == "cifar10":
         return cifar10_splits(data_path, image_size)
     if dataset == "imagefolder":
-        return imagefolder_splits(data_path, image_size)
+        return imagefolder_splits(data_path, image_size, augment)
     raise ValueError(f"unknown dataset {dataset!r}: choose {', '.join(DATASETS)}")
+
+
+def config_splits(config) -> Dict[str, Dataset]:
+    """The splits a training config names (its dataset, data folder, image size and augmentation)."""
+    return load_splits(config.dataset, config.data_path, config.image_size, config.augment)
 
 
 def num_classes(dataset: str, splits: Dict[str, Dataset]) -> int:

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import engine, models
 from .config import (CommandLineParser, KDConfig, RunConfig, add_config_arguments, apply, default_of, is_bundled,
                      key, overrides, resolve_config, to_dict, validate_kd, validate_run)
-from .data import load_splits, num_classes
+from .data import config_splits, num_classes
 from .errors import run_command
 from .evaluation import classification_metrics, to_device
 from .flops import count_with_hooks
@@ -238,7 +238,7 @@ class DistillTask(engine.Task):
 
 def setup(config: DistillConfig, resume: Optional[str], runtime: Runtime, role: str = "student") -> engine.Run:
     """The run of `config` (or the resumed one), its folder locked: see `engine.setup`."""
-    return engine.setup(config, resume, runtime, lambda: load_splits(config.dataset, config.data_path, config.image_size),
+    return engine.setup(config, resume, runtime, lambda: config_splits(config),
                         lambda splits: DistillTask(config, splits, runtime, role), f"distill-{config.dataset}")
 
 

@@ -37,7 +37,7 @@ from . import checkpoint as ckpt
 from . import engine, models
 from .config import (CommandLineParser, RunConfig, add_config_arguments, apply, default_of, key, overrides,
                      validate_run, to_dict)
-from .data import load_splits, num_classes
+from .data import config_splits, num_classes
 from .errors import run_command
 from .runtime import Runtime, print0, setup_runtime
 
@@ -147,7 +147,7 @@ def fit(base: nn.Module, classes: int, splits: Dict[str, Dataset], config: Finet
 
 def load(config: FinetuneConfig):
     """The chosen classes' train / val / test splits, relabelled, their count, and the model to fine-tune."""
-    splits = load_splits(config.dataset, config.data_path, config.image_size)
+    splits = config_splits(config)
     classes = chosen_classes(config.classes, num_classes(config.dataset, splits))
     data = {name: Relabelled(splits[name], classes) for name in ("train", "val", "test")}
     base = models.build(config.model, num_classes(config.dataset, splits), config.seed, config.data_path or None)

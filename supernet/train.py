@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from . import engine
 from .config import (CommandLineParser, TrainConfig, add_config_arguments, config_for_resume, overrides,
                      positive_int, resolve_config, to_dict)
-from .data import load_splits, num_classes
+from .data import config_splits, num_classes
 from .errors import run_command
 from .flops import flops_and_params, mflops
 from .model import ElasticSupernet
@@ -183,7 +183,7 @@ class SupernetTask(engine.Task):
 
 def setup(config: TrainConfig, resume: Optional[str], runtime: Runtime) -> engine.Run:
     """The run of `config` (or the resumed one), its folder locked: see `engine.setup`."""
-    return engine.setup(config, resume, runtime, lambda: load_splits(config.dataset, config.data_path, config.image_size),
+    return engine.setup(config, resume, runtime, lambda: config_splits(config),
                         lambda splits: SupernetTask(config, splits), config.dataset)
 
 

@@ -134,3 +134,30 @@ def test_decode_on_device_reads_files_in_workers_and_decodes_in_to_device(jpeg_f
     assert train.run_training(config, stop_at_step=2)["stopped"]
     with pytest.raises(ValueError, match="decode_on_device.*needs dataset imagefolder"):
         resolve_config("digits", overrides={"decode_on_device": "true"})
+
+
+def test_usnets_augmentation_crops_jitters_and_adds_alexnet_lighting(jpeg_folder, tmp_path):
+    """`augment usnets`: US-Nets' imagenet1k_mobile pipeline, uint8 [H, W, 3] as the other one; its
+    lighting shift has AlexNet's per-channel spread (0-255 units)."""
+    import shutil
+
+    from supernet import data
+    from supernet.config import resolve_config
+
+    lighting = data.Lighting(0.1)
+    flat = torch.full((3, 4, 4), 128, dtype=torch.uint8)
+    torch.manual_seed(0)
+    shifts = torch.stack([lighting(flat)[:, 0, 0].float() - 128 for _ in range(4000)])
+    basis = torch.tensor(data.IMAGENET_EIGVEC) * torch.tensor(data.IMAGENET_EIGVAL)
+    expected_std = 255 * 0.1 * basis.norm(dim=1)
+    torch.testing.assert_close(shifts.std(0), expected_std, rtol=0.08, atol=0.6)
+    assert shifts.mean(0).abs().max() < 0.5
+    root = tmp_path / "folder"
+    shutil.copytree(jpeg_folder, root / "train")
+    shutil.copytree(jpeg_folder, root / "val")
+    image, label = data.load_splits("imagefolder", str(root), 32, "usnets")["train"][0]
+    assert image.shape == (32, 32, 3) and image.dtype == torch.uint8
+    config = resolve_config("slim-imagenet-usnets", overrides={"data_path": str(root)})
+    assert (config.augment, config.label_smoothing, config.grad_clip_value) == ("usnets", 0.0, 0.0)
+    with pytest.raises(ValueError, match="decode_on_device"):
+        resolve_config("slim-imagenet-usnets", overrides={"data_path": str(root), "decode_on_device": "true"})
