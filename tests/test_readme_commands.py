@@ -128,6 +128,18 @@ RECIPES: Dict[str, Recipe] = {
         Recipe(" --seeds 0 --epochs 1 --jobs 2", writes=ABLATION_FILES),
     "alphanet ablate --preset digits --grid kd=none,kl,adaptive --seeds 0,1 --epochs 10":
         Recipe(" --seeds 0 --epochs 1 --jobs 2", writes=ABLATION_FILES),
+    "alphanet ablate --grid kd=kl,symmetric,adaptive --seeds 0,1,2 --quick":
+        Recipe(" --seeds 0 --epochs 1 --jobs 2", writes=ABLATION_FILES),
+    "alphanet ablate --grid sampler=uniform,attentive kd=kl --seeds 0,1,2 --quick":
+        Recipe(" --seeds 0 --epochs 1 --jobs 2", writes=ABLATION_FILES),
+    "alphanet ablate --grid kd=kl,symmetric,adaptive --seeds 0,1,2,3,4,5,6,7,8,9":
+        Recipe(" --seeds 0 --epochs 1 --jobs 2", writes=ABLATION_FILES),
+    "alphanet ablate --grid kd=kl,adaptive --seeds 0,1 --quick --boxplot 20":
+        Recipe(" --seeds 0 --epochs 1 --jobs 2 --boxplot 2 --calib_images 64",
+               writes=ABLATION_FILES + ("runs/ablation-*/groups.png", "runs/ablation-*/groups.csv")),
+    "alphanet boxplot --checkpoint RUN_DIR --per_group 20 --out boxes":
+        Recipe(" --per_group 2 --calib_images 64", needs=("run",), writes=("boxes/groups.png", "boxes/groups.csv"),
+               prints="wrote boxes/groups.png"),
     # Published models
     "alphanet convert alphanet_pretrained.pth.tar alphanet.pt --data_path /data/imagenet":
         Recipe(needs=("imagenet", "reference_checkpoint"), writes=("alphanet.pt",)),
