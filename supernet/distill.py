@@ -174,8 +174,9 @@ class DistillTask(engine.Task):
         classes = num_classes(config.dataset, splits)
         self.config, self.role = config, role
         self.model = models.build(config.student, classes, config.seed, config.data_path or None)
-        self.size = (f"{count_with_hooks(self.model, config.image_size) / 1e6:.1f} MFLOPs at {config.image_size} "
-                     f"pixels, {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters")
+        pixels = splits["train"][0][0].shape[-1] if is_bundled(config.dataset) else config.image_size  # digits: 8
+        self.size = (f"{count_with_hooks(self.model, pixels) / 1e6:.2f} MFLOPs at {pixels} pixels, "
+                     f"{sum(p.numel() for p in self.model.parameters()) / 1e6:.2f} M parameters")
         self.teacher = load_teacher(config, classes, runtime)
         self.cache, self.before = None, None
         if self.teacher is not None and config.cache_teacher:
