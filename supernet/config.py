@@ -69,7 +69,7 @@ class RunConfig:
     checkpoint_every: int = key(0, "outputs", "steps between mid-epoch checkpoints (0: end of epoch only)")
     log_every: int = key(20, "outputs", "steps between reads of the losses back to the host (steps.jsonl "
                                         "still gets every step; a GPU is not made to wait every step)")
-    out: str = key("", "outputs", "run folder (default runs/<dataset>-<time>)")
+    out: str = key("", "outputs", "run folder; empty: runs/<dataset>-<time> (distill: runs/distill-<dataset>-<time>)")
 
 
 @dataclass
