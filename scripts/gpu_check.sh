@@ -18,13 +18,15 @@ timeout 210 "$PYTHON" -m benchmarks --device cuda --shapes 256x1000 4096x16384 8
 echo "== benchmarks (fp32, forward+backward)"
 timeout 45 "$PYTHON" -m benchmarks --device cuda --dtype float32 --shapes 256x1000 --modes fwd+bwd --repeats 10 \
   --budget 3 --out "${OUT:-results}/gpu-check-fp32" 2>&1 | grep -v "^cases" | tail -8
-echo "== supernet on the GPU: a 1-epoch digits run, eval and a short search with --device cuda"
+echo "== supernet on the GPU: a 1-epoch digits run, eval, a short search, fp16 distill and finetune with --device cuda"
 if "$PYTHON" -c "import sklearn, yaml, tqdm, matplotlib, torchvision" 2>/dev/null; then
   run="${OUT:-results}/gpu-check-digits"
-  rm -rf "$run"
+  rm -rf "$run" "$run-distill" "$run-finetune"
   for step in "train --epochs 1 --device cuda --out $run" \
               "eval --checkpoint $run --arch random:4 --split test --device cuda" \
-              "search --checkpoint $run --iterations 1 --device cuda"; do
+              "search --checkpoint $run --iterations 2 --device cuda" \
+              "distill --student supernet:$run:min --teacher supernet:$run:max --epochs 1 --amp fp16 --device cuda --out $run-distill" \
+              "finetune --model supernet:$run:min --holdout 0 --epochs 1 --device cuda --out $run-finetune"; do
     began=$(date +%s%N)
     timeout 120 "$PYTHON" -m supernet.cli $step 2>&1 | grep -v "step/s" | tail -3
     elapsed=$(( ($(date +%s%N) - began) / 1000000 ))
