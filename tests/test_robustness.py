@@ -254,8 +254,8 @@ def test_train_help_lists_every_key_with_type_default_and_group(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for item in fields(TrainConfig):
         assert f"--{item.name}" in text, item.name
-    for group in ("data keys", "sandwich keys", "regularisation keys", "optimisation keys", "execution keys",
-                  "outputs keys"):
+    for group in ("data keys", "optimisation keys", "execution keys", "outputs keys", "distillation keys",
+                  "supernet keys"):
         assert group in text
     assert "--kd_clip FLOAT" in text and "(default 5.0)" in text
 
