@@ -177,8 +177,9 @@ def symmetric_kl_reference(
     lq = F.log_softmax(args.student.to(compute_dtype) / temperature, dim=-1)
     lp = F.log_softmax(args.teacher.detach().to(compute_dtype) / temperature, dim=-1)
     q, p = lq.exp(), lp.exp()
-    # where a probability is 0 its log is -inf: 0 instead, so that the product and its gradient stay finite
-    rows = ((p - q) * (lp.where(p > 0, 0.0) - lq.where(q > 0, 0.0))).sum(-1) * temperature**2
+    # a class at -inf in the logits has log-probability -inf: 0 instead, so that the product and its gradient stay
+    # finite (a probability that underflows keeps its finite log: its term is q (log q - log p), not q log q)
+    rows = ((p - q) * (lp.where(torch.isfinite(lp), 0.0) - lq.where(torch.isfinite(lq), 0.0))).sum(-1) * temperature**2
     weight = torch.ones_like(rows) if args.mask is None else args.mask.to(rows.dtype)
     if args.reduction == REDUCTION_MEAN:
         weight = weight / weight.sum().clamp(min=1)
