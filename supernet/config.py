@@ -279,22 +279,20 @@ def to_dict(config) -> Dict[str, object]:
     return dataclasses.asdict(config)
 
 
-def config_for_resume(path: str, overrides: Optional[Dict[str, object]] = None) -> TrainConfig:
-    """A supernet run's saved config, with explicit overrides (e.g. more epochs) on top."""
+def config_for_resume(path: str, overrides: Optional[Dict[str, object]] = None, *, cls: type = TrainConfig,
+                      check=None, renamed: Optional[Dict[str, str]] = None):
+    """A run's saved config, with explicit overrides (e.g. more epochs) on top, checked (`check`: the
+    TrainConfig `validate` by default). Keys of earlier versions are read as they are named now:
+    `renamed` (old name: new name), and calibration counted in batches becomes images."""
     from .checkpoint import load
 
-    config = from_saved(load(path)["config"], f"checkpoint {path!r}")
-    apply(config, overrides or {}, "the command line")
-    validate(config)
-    return config
-
-
-def from_saved(values: Dict[str, object], source: str) -> TrainConfig:
-    """A config as a checkpoint stored it; runs of earlier versions counted calibration in batches."""
-    values = dict(values)
+    values = {(renamed or {}).get(name, name): value for name, value in load(path)["config"].items()}
     if "calib_batches" in values:
-        values["calib_images"] = values.pop("calib_batches") * values.get("batch_size", TrainConfig.batch_size)
-    return apply(TrainConfig(), values, source)
+        values["calib_images"] = values.pop("calib_batches") * values.get("batch_size", cls.batch_size)
+    config = apply(cls(), values, f"checkpoint {path!r}")
+    apply(config, overrides or {}, "the command line")
+    (check or validate)(config)
+    return config
 
 
 def positive_int(text: str) -> int:

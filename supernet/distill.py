@@ -30,8 +30,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import checkpoint as ckpt
 from . import engine, models
-from .config import (CommandLineParser, KDConfig, RunConfig, add_config_arguments, apply, default_of, is_bundled,
-                     key, overrides, resolve_config, to_dict, validate_kd, validate_run)
+from .config import (CommandLineParser, KDConfig, RunConfig, add_config_arguments, default_of, is_bundled, key,
+                     overrides, resolve_config, to_dict, validate_kd, validate_run)
+from .config import config_for_resume as saved_config
 from .data import config_splits, num_classes
 from .errors import run_command
 from .evaluation import classification_metrics, to_device
@@ -89,11 +90,7 @@ def resolve(preset: str = "digits", yaml_path: Optional[str] = None, values: Opt
 
 def config_for_resume(path: str, given: Dict[str, object]) -> DistillConfig:
     """The saved config of a distill run, with the keys given on the command line on top."""
-    saved = {RENAMED.get(name, name): value for name, value in ckpt.load(path)["config"].items()}
-    config = apply(DistillConfig(), saved, f"checkpoint {path!r}")
-    apply(config, given, "the command line")
-    validate(config)
-    return config
+    return saved_config(path, given, cls=DistillConfig, check=validate, renamed=RENAMED)
 
 
 def default_teacher(config: DistillConfig) -> str:

@@ -37,6 +37,7 @@ from . import checkpoint as ckpt
 from . import engine, models
 from .config import (CommandLineParser, RunConfig, add_config_arguments, apply, default_of, key, overrides,
                      validate_run, to_dict)
+from .config import config_for_resume as saved_config
 from .data import config_splits, num_classes
 from .errors import run_command
 from .runtime import Runtime, print0, setup_runtime
@@ -138,9 +139,7 @@ def fit(base: nn.Module, classes: int, splits: Dict[str, Dataset], config: Finet
         model.load_state_dict(ckpt.load(config.out)["model"])
         with open(summary_file) as handle:
             return {**json.load(handle), "model": model.eval()}
-    run = engine.setup(config, resume, runtime, lambda: splits, lambda _: FinetuneTask(base, classes, config),
-                       "finetune")
-    with contextlib.closing(run):
+    with contextlib.closing(start(base, classes, splits, config, resume, runtime)) as run:
         summary = engine.train_to_the_end(run, stop_at_step)
     return {**summary, "model": run.model.eval()}
 
@@ -154,11 +153,18 @@ def load(config: FinetuneConfig):
     return data, len(classes), base
 
 
-def setup(config: FinetuneConfig, resume: Optional[str], runtime: Runtime) -> engine.Run:
-    """One fine-tuning run of `config`, its folder locked: see `engine.setup`."""
-    data, classes, base = load(config)
-    return engine.setup(config, resume, runtime, lambda: data, lambda _: FinetuneTask(base, classes, config),
+def start(base: nn.Module, classes: int, splits: Dict[str, Dataset], config: FinetuneConfig,
+          resume: Optional[str], runtime: Runtime) -> engine.Run:
+    """The run of fine-tuning `base` with a new `classes`-way head on `splits`, its folder locked: see
+    `engine.setup`."""
+    return engine.setup(config, resume, runtime, lambda: splits, lambda _: FinetuneTask(base, classes, config),
                         "finetune")
+
+
+def setup(config: FinetuneConfig, resume: Optional[str], runtime: Runtime) -> engine.Run:
+    """One fine-tuning run of `config` on its dataset's splits."""
+    data, classes, base = load(config)
+    return start(base, classes, data, config, resume, runtime)
 
 
 def run_single(config: FinetuneConfig, resume: Optional[str] = None, stop_at_step: Optional[int] = None,
@@ -173,9 +179,7 @@ def run_single(config: FinetuneConfig, resume: Optional[str] = None, stop_at_ste
 
 def config_for_resume(path: str) -> FinetuneConfig:
     """The saved config of one fine-tuning run."""
-    config = apply(FinetuneConfig(), ckpt.load(path)["config"], f"checkpoint {path!r}")
-    validate(config)
-    return config
+    return saved_config(path, cls=FinetuneConfig, check=validate)
 
 
 def finetune(base: nn.Module, train: Dataset, test: Dataset, val: Dataset, classes: int, config: FinetuneConfig,
