@@ -6,7 +6,7 @@ chunk of rows exist at a time: per chunk,
 
     s = x_c W_s^T + b_s,   t = x_t,c W_t^T + b_t           (the teacher under no_grad)
     loss_c, g = the fused op on (s, t), reduction "sum"    (g = d loss_c / d s, from the op's forward)
-    dx_c = g W_s,   dW_s += g^T x_c,   db_s += sum_rows g  (dW_s and db_s accumulate in float32)
+    dx_c = g W_s,   dW_s += g^T x_c,   db_s += sum_rows g  (dW_s, db_s accumulate in float32; float64 weights in float64)
 
 so the gradients of the student's input, weight and bias are complete when the forward returns,
 and the backward only scales them by the incoming gradient. A mean divides by the number of valid
@@ -92,9 +92,10 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
+        grad_w = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_w else None
+        grad_b = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_b else None
+        total = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         need_grad = need_x or need_w or need_b
         for start in range(0, rows, chunk_size):
             end = min(start + chunk_size, rows)
@@ -103,27 +104,27 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
             teacher = torch.nn.functional.linear(teacher_x[start:end], teacher_weight, teacher_bias)
             chunk_mask = None if mask is None else mask[start:end]
             if not need_grad:
-                total += fused_adaptive_kd(logits, teacher, reduction="sum", mask=chunk_mask, **loss_args).float()
+                total += fused_adaptive_kd(logits, teacher, reduction="sum", mask=chunk_mask, **loss_args).to(total.dtype)
                 continue
             leaf = logits.requires_grad_(True)
             with torch.enable_grad():
                 loss = fused_adaptive_kd(leaf, teacher, reduction="sum", mask=chunk_mask, **loss_args)
             (grad_logits,) = torch.autograd.grad(loss, leaf)
-            total += loss.detach().float()
+            total += loss.detach().to(total.dtype)
             del leaf, logits, teacher, loss  # the loss's graph would keep the student logits alive
             if need_x:
                 grad_x[start:end] = grad_logits @ weight
-            if need_w and grad_logits.dtype == torch.float32:
+            if need_w and grad_logits.dtype == accumulate:
                 grad_w.addmm_(grad_logits.t(), x_chunk)  # no [V, H] temporary
             elif need_w:  # 16-bit matmul (fp32 inside the GEMM), accumulated across chunks in fp32
-                grad_w += (grad_logits.t() @ x_chunk).float()
+                grad_w += (grad_logits.t() @ x_chunk).to(accumulate)
             if need_b:
-                grad_b += grad_logits.float().sum(0)
+                grad_b += grad_logits.to(accumulate).sum(0)
             del grad_logits
         scale = None
         if reduction == "mean":
             count = mask.sum() if mask is not None else torch.tensor(rows, device=x.device)
-            scale = 1.0 / count.clamp(min=1).to(torch.float32)
+            scale = 1.0 / count.clamp(min=1).to(total.dtype)
             total = total * scale
         grads = []
         for grad, like in ((grad_x, x), (grad_w, weight), (grad_b, bias)):

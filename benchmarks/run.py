@@ -33,14 +33,16 @@ class OneLineErrors(argparse.ArgumentParser):
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser = OneLineErrors(prog="python -m benchmarks", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["loss", "fused-linear", "data"], default="loss",
-                        help="loss: the KD loss on logits (default); fused-linear: projection + loss, chunked; "
-                             "data: training images/s of the ImageNet input pipeline against the reference's")
+    parser.add_argument("--suite", choices=["loss", "lm", "data"], default="loss",
+                        help="loss: the KD loss on logits (default); lm: LLM distillation's projection + loss "
+                             "(materialised logits, token-chunked torch.compile, fused-linear); data: training "
+                             "images/s of the ImageNet input pipeline against the reference's")
     parser.add_argument("--data-images", type=int, default=300, help="data suite: JPEGs generated and read")
     parser.add_argument("--data-root", default=os.path.join("results", "data-jpegs"),
                         help="data suite: folder of the generated JPEGs (reused when it holds --data-images)")
     parser.add_argument("--linear-shapes", nargs="+", default=None,
-                        help="NxHxV shapes of the fused-linear suite (default: 4096x1024x32000 on CPU)")
+                        help="tokens x hidden x vocab (NxHxV) shapes of the lm suite (default: 512x256x8000 on CPU; "
+                             "4096x1024x32000 and 8192x2048x128256 on CUDA)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -122,15 +124,15 @@ def run_case(case: Case, providers: Dict, args, copy_gbs: float) -> List[report.
     return rows
 
 
-def run_fused_linear(args, dtype: torch.dtype) -> List[dict]:
-    from . import fused_linear
+def run_lm(args, dtype: torch.dtype) -> List[dict]:
+    from . import lm
 
     print(machine_description(args.device))
-    shapes = args.linear_shapes or fused_linear.DEFAULT_LINEAR_SHAPES[args.device]
-    rows = fused_linear.run(shapes, dtype, args.device, min(args.repeats, 5), args.budget, not args.no_memory)
-    fused_linear.print_table(rows)
+    shapes = args.linear_shapes or lm.DEFAULT_LM_SHAPES[args.device]
+    rows = lm.run(shapes, dtype, args.device, min(args.repeats, 5), args.budget, not args.no_memory)
+    lm.print_table(rows)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out_dir = args.out or os.path.join("results", f"fused-linear-{args.device}-{stamp}")
+    out_dir = args.out or os.path.join("results", f"lm-{args.device}-{stamp}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
         json.dump({"machine": machine_description(args.device), "rows": rows}, handle, indent=1)
@@ -156,8 +158,8 @@ def run_data(args) -> List[dict]:
 def main(argv: Optional[List[str]] = None) -> List[report.Row]:
     args = parse_args(argv)
     dtype = getattr(torch, args.dtype or DEFAULT_DTYPE[args.device])
-    if args.suite == "fused-linear":
-        return run_fused_linear(args, dtype)
+    if args.suite == "lm":
+        return run_lm(args, dtype)
     if args.suite == "data":
         return run_data(args)
     shapes = [parse_shape(text) for text in (args.shapes or (FULL_SHAPES if args.full else DEFAULT_SHAPES)[args.device])]

@@ -73,9 +73,9 @@ RECIPES: Dict[str, Recipe] = {
     "python -m benchmarks --shapes 2048x1000 512x32000 --modes fwd+bwd --repeats 21":
         Recipe(TINY_BENCH + " --no-memory", writes=BENCH_FILES),
     "python -m benchmarks --device cuda": Recipe(TINY_BENCH, gpu=True, writes=("results/cuda-*/results.csv",)),
-    "python -m benchmarks --suite fused-linear":
+    "python -m benchmarks --suite lm":
         Recipe(" --linear-shapes 32x16x200 --repeats 3 --budget 0.05 --no-memory",
-               writes=("results/fused-linear-cpu-*/results.json",)),
+               writes=("results/lm-cpu-*/results.json",)),
     "python -m benchmarks --suite data": Recipe(" --data-images 64", writes=("results/data-*/results.json",)),
     # Training
     "alphanet train --help": Recipe(prints="--kd_temperature"),

@@ -1,0 +1,1 @@
+"""Bindings of the fused losses to training libraries (optional extras)."""
