@@ -71,11 +71,25 @@ def fail(prog: str, message: str) -> NoReturn:
     raise SystemExit(f"{prog}: {message}")
 
 
+def _process_group():
+    """torch.distributed when a process group is up (torchrun), else None; torch is not imported for it."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        return distributed
+    return None
+
+
 def run_command(prog: str, work: Callable[[], object], kept: str = "the last checkpoint is kept") -> object:
     """A command's main: `work()`, with one line and a non-zero exit (130 when interrupted, saying what is
     `kept`) for what can go wrong, and the process group (under torchrun) closed."""
     try:
-        return work()
+        result = work()
+        group = _process_group()
+        if group:
+            # Every process leaves together: one that tears its process group down while another still writes
+            # the run's files can abort in gloo's threads at exit.
+            group.barrier()
+        return result
     except Interrupted as stop:
         print(f"{prog}: {stop}", file=sys.stderr, flush=True)
         raise SystemExit(130) from None
@@ -85,6 +99,6 @@ def run_command(prog: str, work: Callable[[], object], kept: str = "the last che
     except (ValueError, OSError, CommandError) as error:
         fail(prog, error_line(error))
     finally:
-        distributed = sys.modules.get("torch.distributed")
-        if distributed is not None and distributed.is_available() and distributed.is_initialized():
-            distributed.destroy_process_group()
+        group = _process_group()
+        if group:
+            group.destroy_process_group()

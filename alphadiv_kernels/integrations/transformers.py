@@ -17,7 +17,7 @@ accumulation and, with `average_tokens_across_devices`, every process (the Train
 train the same objective. Without it, n is this batch's count.
 
 The models run with `logits_to_keep` = no positions, so their own `lm_head` projects nothing; a
-forward hook on the decoder (`model.base_model`) reads the final hidden states. Models whose logits
+forward hook on the decoder (`model.get_decoder()`) reads the final hidden states. Models whose logits
 are more than `lm_head(h)` (soft-capped or scaled logits) are refused rather than silently distilled
 on the wrong distribution.
 """
@@ -91,10 +91,10 @@ def next_token_targets(inputs: Mapping[str, Any]) -> torch.Tensor:
 def final_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> Tuple[torch.Tensor, Any]:
     """Run `model` (wrapped or not) on `inputs` projecting no logits; its decoder's output and the model's."""
     inner = unwrap(model)
-    decoder = getattr(inner, "base_model", None)
+    decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "base_model", None)
     if decoder is None or decoder is inner:
-        raise ValueError(f"{type(inner).__name__} has no separate decoder (base_model) whose hidden states the "
-                         f"loss could read")
+        raise ValueError(f"{type(inner).__name__} has no separate decoder (get_decoder()) whose hidden states "
+                         f"the loss could read")
     captured = []
     hook = decoder.register_forward_hook(lambda module, args, output: captured.append(
         output.last_hidden_state if hasattr(output, "last_hidden_state") else output[0]))
