@@ -154,13 +154,17 @@ def test_a_short_training_run_lowers_the_distillation_loss(tmp_path):
     everything = collate(data)  # the loss on the training data (random tokens do not generalise)
     with torch.no_grad():
         before = causal_lm_adaptive_kd(student, teacher, everything).loss.item()
-    arguments = training_arguments(str(tmp_path / "run"), 4, 1, 40, optim="adamw_torch", learning_rate=3e-3)
+    arguments = training_arguments(str(tmp_path / "run"), 4, 1, 40, optim="adamw_torch", learning_rate=3e-3,
+                                   per_device_eval_batch_size=64)
     trainer = AdaptiveKDTrainer(model=student, teacher_model=teacher, args=arguments, data_collator=collate,
                                 train_dataset=data)
     history = trainer.train()
     with torch.no_grad():
         after = causal_lm_adaptive_kd(student, teacher, everything).loss.item()
     assert after < 0.7 * before, (before, after, history)
+    # Trainer.evaluate reports the same loss (one batch of all 64 examples).
+    evaluated = trainer.evaluate(eval_dataset=data)["eval_loss"]
+    assert abs(evaluated - after) < 1e-4 * after, (evaluated, after)
 
 
 def readme_example() -> str:
