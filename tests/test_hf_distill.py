@@ -107,6 +107,10 @@ def test_bad_settings_and_batches_are_one_clear_error():
         causal_lm_adaptive_kd(student, teacher, inputs, temperature=0.0)
     with pytest.raises(ValueError, match="ce_weight"):
         causal_lm_adaptive_kd(student, teacher, inputs, ce_weight=-1.0)
+    wider = student_and_teacher("llama")[1]
+    wider.resize_token_embeddings(wider.config.vocab_size + 64)
+    with pytest.raises(ValueError, match="vocabulary"):
+        causal_lm_adaptive_kd(student, wider, inputs)
     teacher.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         causal_lm_adaptive_kd(student, teacher, inputs)
