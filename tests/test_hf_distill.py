@@ -116,19 +116,22 @@ def test_bad_settings_and_batches_are_one_clear_error():
         causal_lm_adaptive_kd(student, teacher, inputs)
 
 
-def train_once(tmp_path, per_device, accumulation, steps=1, family="llama"):
-    student, teacher = student_and_teacher(family)
+def train_once(tmp_path, per_device, accumulation, ce_weight, steps=1):
+    student, teacher = student_and_teacher("llama")
     trainer = AdaptiveKDTrainer(model=student, teacher_model=teacher, train_dataset=examples(16), data_collator=collate,
+                                ce_weight=ce_weight,
                                 args=training_arguments(str(tmp_path / f"{per_device}x{accumulation}"), per_device,
                                                         accumulation, steps))
     trainer.train()
+    assert any("ce_loss" in entry for entry in trainer.state.log_history) == (ce_weight > 0)
     return {name: value.detach().clone() for name, value in student.state_dict().items()}
 
 
-def test_accumulation_1x4_and_4x1_make_the_same_update(tmp_path):
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_accumulation_1x4_and_4x1_make_the_same_update(tmp_path, ce_weight):
     initial = student_and_teacher("llama")[0].state_dict()
-    one_batch_of_four = train_once(tmp_path, per_device=4, accumulation=1)
-    four_batches_of_one = train_once(tmp_path, per_device=1, accumulation=4)
+    one_batch_of_four = train_once(tmp_path, per_device=4, accumulation=1, ce_weight=ce_weight)
+    four_batches_of_one = train_once(tmp_path, per_device=1, accumulation=4, ce_weight=ce_weight)
     moved = max((one_batch_of_four[name] - initial[name]).abs().max().item() for name in initial)
     assert moved > 1e-3
     for name, value in one_batch_of_four.items():
@@ -166,6 +169,10 @@ def test_a_short_training_run_lowers_the_distillation_loss(tmp_path):
     with torch.no_grad():
         after = causal_lm_adaptive_kd(student, teacher, everything).loss.item()
     assert after < 0.7 * before, (before, after, history)
+    # With ce_weight 0 the logged loss is the KD term; logging_steps=1 makes the two windows the same step.
+    logged = [entry for entry in trainer.state.log_history if "kd_loss" in entry]
+    assert len(logged) == 40 and not any("ce_loss" in entry for entry in logged)
+    assert all(abs(entry["loss"] - entry["kd_loss"]) <= 1e-3 * entry["kd_loss"] + 1e-6 for entry in logged), logged[:3]
     # Trainer.evaluate reports the same loss (one batch of all 64 examples).
     evaluated = trainer.evaluate(eval_dataset=data)["eval_loss"]
     assert abs(evaluated - after) < 1e-4 * after, (evaluated, after)

@@ -201,6 +201,10 @@ class AdaptiveKDTrainer(transformers.Trainer):
     its micro-batches (and, with `average_tokens_across_devices`, all processes). The teacher is frozen, put in
     eval mode and moved to the training device; each process holds a full copy of it.
 
+    The training logs gain `kd_loss` (and `ce_loss` when `ce_weight` > 0): each term per distilled token of this
+    process since the last log (the KD term includes the T^2 factor), summed on the device and read only when the
+    Trainer logs.
+
     Args (besides the Trainer's):
         teacher_model: the teacher causal LM (same vocabulary as the student).
         temperature: KD temperature, default 1.0.
@@ -222,6 +226,7 @@ class AdaptiveKDTrainer(transformers.Trainer):
         self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
         self.loss_settings: Dict[str, float] = dict(temperature=temperature, ce_weight=ce_weight,
                                                     alpha_min=alpha_min, alpha_max=alpha_max, clip=clip)
+        self.logged_sums: Dict[str, torch.Tensor] = {}  # kd, ce and tokens since the last training log
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and their distilled positions, counted by the loss's own rule (summed over
@@ -242,8 +247,20 @@ class AdaptiveKDTrainer(transformers.Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = causal_lm_adaptive_kd(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
                                        **self.loss_settings)
+        if self.model.training:
+            parts = {"kd": result.kd_sum, "ce": result.ce_sum, "tokens": distilled_positions(inputs).sum()}
+            for name, value in parts.items():
+                if value is not None:
+                    self.logged_sums[name] = self.logged_sums.get(name, 0) + value.detach().double()
         loss = result.loss
         # DDP averages the processes' gradients; a loss divided by the tokens of all processes is scaled back up.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes
         return (loss, result.outputs) if return_outputs else loss
+
+    def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
+        if "loss" in logs and self.logged_sums:
+            sums, self.logged_sums = self.logged_sums, {}
+            tokens = max(sums.pop("tokens").item(), 1.0)
+            logs.update({f"{name}_loss": round(value.item() / tokens, 6) for name, value in sums.items()})
+        super().log(logs, *args, **kwargs)
