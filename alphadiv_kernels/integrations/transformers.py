@@ -262,5 +262,5 @@ class AdaptiveKDTrainer(transformers.Trainer):
         if "loss" in logs and self.logged_sums:
             sums, self.logged_sums = self.logged_sums, {}
             tokens = max(sums.pop("tokens").item(), 1.0)
-            logs.update({f"{name}_loss": round(value.item() / tokens, 6) for name, value in sums.items()})
+            logs.update({f"{name}_loss": value.item() / tokens for name, value in sums.items()})
         super().log(logs, *args, **kwargs)
