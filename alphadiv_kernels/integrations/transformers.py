@@ -42,6 +42,12 @@ LABEL_KEYS = ("labels", "shift_labels")
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
+def check_settings(temperature, ce_weight, alpha_min, alpha_max, clip) -> None:
+    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
+    if not isinstance(ce_weight, (int, float)) or isinstance(ce_weight, bool) or not ce_weight >= 0:
+        raise ValueError(f"ce_weight must be a number >= 0, got {ce_weight!r}")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside DDP / accelerate wrappers (`.module`), whose `lm_head` and decoder the loss reads."""
     while isinstance(getattr(model, "module", None), nn.Module):
@@ -133,11 +139,13 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.
 @dataclass
 class DistillationLoss:
     """`loss` (what to backpropagate), its two sums (detached, before division by `tokens`), the count it was
-    divided by, and the student's model output (its logits are empty: nothing was projected)."""
+    divided by, this batch's distilled positions, and the student's model output (its logits are empty: nothing
+    was projected)."""
     loss: torch.Tensor
     kd_sum: torch.Tensor
     ce_sum: Optional[torch.Tensor]
     tokens: torch.Tensor
+    distilled: torch.Tensor
     outputs: Any
 
 
@@ -167,9 +175,7 @@ def causal_lm_adaptive_kd(
         alpha_min, alpha_max, clip: the adaptive divergence's range and gradient clip (AlphaNet: -1, 1, 5).
         chunk_size: rows per chunk of the fused projection (default: chosen from the sizes).
     """
-    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-    if not isinstance(ce_weight, (int, float)) or isinstance(ce_weight, bool) or not ce_weight >= 0:
-        raise ValueError(f"ce_weight must be a number >= 0, got {ce_weight!r}")
+    check_settings(temperature, ce_weight, alpha_min, alpha_max, clip)
     positions = distilled_positions(inputs)
     student_head = output_projection(unwrap(student), "student")
     teacher_head = output_projection(unwrap(teacher), "teacher")
@@ -185,12 +191,14 @@ def causal_lm_adaptive_kd(
         targets = next_token_targets(inputs).masked_fill(~positions, IGNORE_INDEX)
         ce_sum = chunked_cross_entropy(student_hidden, student_head, targets)
         total = total + ce_weight * ce_sum
+    distilled = positions.sum()
     if num_items_in_batch is None:
-        tokens = positions.sum()
+        tokens = distilled
     else:
         tokens = torch.as_tensor(num_items_in_batch, device=positions.device)
     loss = total / tokens.clamp(min=1).to(total.dtype)
-    return DistillationLoss(loss, kd_sum.detach(), None if ce_sum is None else ce_sum.detach(), tokens, outputs)
+    return DistillationLoss(loss, kd_sum.detach(), None if ce_sum is None else ce_sum.detach(), tokens, distilled,
+                            outputs)
 
 
 class AdaptiveKDTrainer(transformers.Trainer):
@@ -217,9 +225,7 @@ class AdaptiveKDTrainer(transformers.Trainer):
 
     def __init__(self, *args, teacher_model: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0,
                  alpha_min: float = -1.0, alpha_max: float = 1.0, clip: float = 5.0, **kwargs):
-        check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-        if not isinstance(ce_weight, (int, float)) or isinstance(ce_weight, bool) or not ce_weight >= 0:
-            raise ValueError(f"ce_weight must be a number >= 0, got {ce_weight!r}")
+        check_settings(temperature, ce_weight, alpha_min, alpha_max, clip)
         super().__init__(*args, **kwargs)
         output_projection(unwrap(self.model), "student")
         output_projection(teacher_model, "teacher")
@@ -248,10 +254,9 @@ class AdaptiveKDTrainer(transformers.Trainer):
         result = causal_lm_adaptive_kd(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
                                        **self.loss_settings)
         if self.model.training:
-            parts = {"kd": result.kd_sum, "ce": result.ce_sum, "tokens": distilled_positions(inputs).sum()}
-            for name, value in parts.items():
+            for name, value in (("kd", result.kd_sum), ("ce", result.ce_sum), ("tokens", result.distilled)):
                 if value is not None:
-                    self.logged_sums[name] = self.logged_sums.get(name, 0) + value.detach().double()
+                    self.logged_sums[name] = self.logged_sums.get(name, 0) + value.float()
         loss = result.loss
         # DDP averages the processes' gradients; a loss divided by the tokens of all processes is scaled back up.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
