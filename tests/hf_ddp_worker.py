@@ -19,3 +19,7 @@ trainer = AdaptiveKDTrainer(model=student, teacher_model=teacher, args=arguments
 trainer.train()
 if trainer.is_world_process_zero():
     torch.save({name: value.detach().clone() for name, value in student.state_dict().items()}, out)
+if torch.distributed.is_initialized():
+    # Gloo's worker threads must be stopped before the interpreter exits, or a process may abort at exit.
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
