@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import alphadiv_kernels as ak
 from supernet import distill, models
 from supernet.cli import main as cli_main
+from supernet.errors import run_command
 from supernet.data import digits_splits
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
@@ -222,11 +223,8 @@ def _distill_process(rank: int, world: int, port: int, out: str) -> None:
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     models.build = small_mlp  # this spawned process's models
-    try:
-        distill.run_distill(equivalence_config(out, 128 // world))
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    # Through the command's own exit path: every process waits for the others before its process group goes.
+    run_command("alphanet distill", lambda: distill.run_distill(equivalence_config(out, 128 // world)))
 
 
 def test_two_processes_distill_as_one_process(tmp_path, monkeypatch):

@@ -302,6 +302,7 @@ def _distributed_worker(rank: int, world: int, port: int, results) -> None:
         results[rank] = {"subnets_equal": all(s == subnets for s in gathered_subnets),
                          "reduced": reduced, "mean_of_locals": torch.stack(locals_).mean(0),
                          "all_reduce_calls": calls["all_reduce"]}
+        dist.barrier()  # both processes leave together: gloo can abort a process whose peer tears down first
     finally:
         dist.destroy_process_group()
 
@@ -347,6 +348,7 @@ def _evaluation_worker(rank: int, world: int, port: int, results) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         results[rank] = _calibrated_evaluation(rank, world)
+        dist.barrier()  # both processes leave together: gloo can abort a process whose peer tears down first
     finally:
         dist.destroy_process_group()
 
