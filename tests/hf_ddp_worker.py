@@ -1,4 +1,5 @@
-"""One distillation run with AdaptiveKDTrainer (under torchrun: one DDP process); saves the student's weights.
+"""One distillation run with AdaptiveKDTrainer (under torchrun: one DDP process); saves the student's weights
+and the logged kd_loss.
 
     python tests/hf_ddp_worker.py OUT PER_DEVICE ACCUMULATION STEPS
 """
@@ -18,7 +19,8 @@ trainer = AdaptiveKDTrainer(model=student, teacher_model=teacher, args=arguments
                             data_collator=collate)
 trainer.train()
 if trainer.is_world_process_zero():
-    torch.save({name: value.detach().clone() for name, value in student.state_dict().items()}, out)
+    torch.save({"weights": {name: value.detach().clone() for name, value in student.state_dict().items()},
+                "kd_loss": [entry["kd_loss"] for entry in trainer.state.log_history if "kd_loss" in entry]}, out)
 if torch.distributed.is_initialized():
     # Gloo's worker threads must be stopped before the interpreter exits, or a process may abort at exit.
     torch.distributed.barrier()

@@ -209,9 +209,9 @@ class AdaptiveKDTrainer(transformers.Trainer):
     its micro-batches (and, with `average_tokens_across_devices`, all processes). The teacher is frozen, put in
     eval mode and moved to the training device; each process holds a full copy of it.
 
-    The training logs gain `kd_loss` (and `ce_loss` when `ce_weight` > 0): each term per distilled token of this
-    process since the last log (the KD term includes the T^2 factor), summed on the device and read only when the
-    Trainer logs.
+    The training logs gain `kd_loss` (and `ce_loss` when `ce_weight` > 0): each term per distilled token since the
+    last log, over all processes (the KD term includes the T^2 factor), summed on the device and read only when the
+    Trainer logs (one all-reduce per log under several processes).
 
     Args (besides the Trainer's):
         teacher_model: the teacher causal LM (same vocabulary as the student).
@@ -265,7 +265,14 @@ class AdaptiveKDTrainer(transformers.Trainer):
 
     def log(self, logs: Dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self.logged_sums:
+            # Every process logs the training loss at the same step (the Trainer gathers `loss` there too), so the
+            # sums of all processes are reduced here, in one all-reduce.
             sums, self.logged_sums = self.logged_sums, {}
-            tokens = max(sums.pop("tokens").item(), 1.0)
-            logs.update({f"{name}_loss": value.item() / tokens for name, value in sums.items()})
+            names = sorted(sums)
+            totals = torch.stack([sums[name] for name in names])
+            if self.accelerator.num_processes > 1:
+                totals = self.accelerator.reduce(totals, reduction="sum")
+            totals = dict(zip(names, totals.tolist()))
+            tokens = max(totals.pop("tokens"), 1.0)
+            logs.update({f"{name}_loss": value / tokens for name, value in totals.items()})
         super().log(logs, *args, **kwargs)
