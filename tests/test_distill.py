@@ -12,8 +12,8 @@ import torch.nn.functional as F
 import alphadiv_kernels as ak
 from supernet import distill, models
 from supernet.cli import main as cli_main
-from supernet.errors import run_command
 from supernet.data import digits_splits
+from supernet.errors import run_command
 
 pytestmark = pytest.mark.skipif("cpu" not in ak.available_backends(), reason="CPU extension not built")
 QUICK = {"epochs": "2", "teacher_epochs": "2", "batch_size": "128"}
