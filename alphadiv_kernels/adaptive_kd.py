@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import List, Optional
+from typing import List, Optional, Tuple, Union
 
 import torch
 
@@ -23,6 +23,7 @@ from . import _extension, triton_adaptive_kd
 from ._constants import REDUCTION_NONE
 from ._contract import AUTO, BACKENDS, SCHEMA, OpArgs
 from ._validation import check_backend, validate_kd_arguments
+from .diagnostics import KDStats, adaptive_kd_stats
 from .reference import adaptive_kd_reference
 
 _DEFAULT_BACKEND = os.environ.get("ALPHADIV_BACKEND", "auto")  # read once, at import
@@ -81,7 +82,8 @@ def fused_adaptive_kd(
     value: str = "divergence",
     mask: Optional[torch.Tensor] = None,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_stats: bool = False,
+) -> Union[torch.Tensor, Tuple[torch.Tensor, KDStats]]:
     """Adaptive alpha-divergence KD loss (AlphaNet, ICML 2021), fused.
 
     Per row of ``[..., C]`` logits, with ``q = softmax(student / T)`` and ``p = softmax(teacher / T)``,
@@ -104,15 +106,24 @@ def fused_adaptive_kd(
             the mean (a mean over no rows is 0).
         backend: ``"auto"``, ``"cpu"``, ``"reference"`` (``"cuda"``, ``"triton"`` where built);
             ``auto`` honours the ``ALPHADIV_BACKEND`` environment variable.
+        return_stats: also return a :class:`~alphadiv_kernels.diagnostics.KDStats` (device tensors, no host
+            sync): the share of rows on the alpha_min branch and of weights clipped (see that module).
 
     Returns:
         The loss in the promoted dtype of the two inputs; the student's gradient has its dtype.
-        Full semantics and derivation: docs/op.md.
+        With ``return_stats``, ``(loss, stats)``. Full semantics and derivation: docs/op.md.
     """
     args = validate_kd_arguments(
         student_logits, teacher_logits, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
         temperature=temperature, reduction=reduction, value=value, mask=mask,
     )
+    if return_stats:
+        loss = fused_adaptive_kd(student_logits, teacher_logits, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
+                                 temperature=temperature, reduction=reduction, value=value, mask=mask, backend=backend)
+        stats = adaptive_kd_stats(args.student.detach(), args.teacher.detach(), alpha_min=float(alpha_min),
+                                  alpha_max=float(alpha_max), clip=float(clip), temperature=float(temperature),
+                                  mask=args.mask)
+        return loss, stats
     chosen = _resolve_backend(backend, student_logits.device)
     if chosen == "reference":
         return adaptive_kd_reference(

@@ -11,6 +11,9 @@ chunk of rows exist at a time: per chunk,
 so the gradients of the student's input, weight and bias are complete when the forward returns,
 and the backward only scales them by the incoming gradient. A mean divides by the number of valid
 rows at the end (a device scalar: no host synchronisation). The teacher is never differentiated.
+`reduction="none"` returns a value per row, and its backward, which gets a weight per row, recomputes
+each chunk's logits instead (the weight gradient sums rows with their weights, so it cannot be scaled
+afterwards). Heads of different row counts are compared on their shared rows (`vocabulary.py`).
 
 Chunk size (rows), unless given: every method holds the float32 weight gradient (V x H x 4 bytes);
 the chunk's three `[chunk, V]` temporaries (student logits, teacher logits, their gradient, of
@@ -25,15 +28,17 @@ better matrix products (fewer, fuller GEMMs, and fewer passes over the weight gr
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._validation import check_backend, check_loss_parameters
 from .adaptive_kd import _graph_is_retained, fused_adaptive_kd
+from .diagnostics import KDStats, adaptive_kd_stats
+from .vocabulary import shared_vocabulary
 
-REDUCTIONS = ("mean", "sum")
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def default_chunk_size(rows: int, hidden: int, itemsize: int) -> int:
@@ -47,8 +52,7 @@ def _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_si
     """The loss settings, for the function and (at construction) the module."""
     check_loss_parameters(alpha_min, alpha_max, clip, temperature)
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be 'mean' or 'sum' (per-row values would need the [N, V] gradient), "
-                         f"got {reduction!r}")
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a whole number of rows >= 1, got {chunk_size!r}")
@@ -69,9 +73,11 @@ def _check_tensors(student_input, student_weight, student_bias, teacher_input, t
     if teacher_input.shape[-1] != teacher_weight.shape[1]:
         raise ValueError(f"teacher_input's last dimension ({teacher_input.shape[-1]}) must equal teacher_weight's "
                          f"hidden size ({teacher_weight.shape[1]})")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise ValueError(f"student and teacher must share the vocabulary, got {student_weight.shape[0]} and "
-                         f"{teacher_weight.shape[0]} rows of weights")
+    for role, tensors in (("student", (student_input, student_weight, student_bias, mask)),
+                          ("teacher", (teacher_input, teacher_weight, teacher_bias))):
+        devices = {tensor.device for tensor in tensors if isinstance(tensor, torch.Tensor)}
+        if len(devices) > 1:
+            raise ValueError(f"the {role}'s tensors must be on one device, got {', '.join(map(str, devices))}")
     if student_input.shape[:-1] != teacher_input.shape[:-1]:
         raise ValueError(f"student_input and teacher_input must have the same leading shape, got "
                          f"{list(student_input.shape[:-1])} and {list(teacher_input.shape[:-1])}")
@@ -84,26 +90,76 @@ def _check_tensors(student_input, student_weight, student_bias, teacher_input, t
         raise ValueError(f"mask must be a bool tensor of shape {list(student_input.shape[:-1])}")
 
 
+def _leading_rows(tensor: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+    return tensor if tensor is None or tensor.shape[0] == rows else tensor[:rows]
+
+
+class _Chunks:
+    """The chunk loop both autograd functions share: the logits of one chunk on the shared rows, and the
+    gradients of the student's input, weight and bias from the chunk's logit gradient."""
+
+    def __init__(self, x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size, needs):
+        self.x, self.teacher_x, self.mask, self.chunk_size = x, teacher_x, mask, chunk_size
+        self.weight, self.bias = _leading_rows(weight, vocab), _leading_rows(bias, vocab)
+        self.teacher_weight, self.teacher_bias = teacher_weight, teacher_bias  # already the shared rows
+        need_x, need_w, need_b = needs[0], needs[1], bias is not None and needs[2]
+        accumulate = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
+        self.accumulate = accumulate
+        self.grad_x = torch.zeros_like(x) if need_x else None
+        # Full-size gradients (the rows past the shared vocabulary stay 0), written through views of the shared rows.
+        self.grad_w = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_w else None
+        self.grad_b = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_b else None
+        self.need_grad = need_x or need_w or need_b
+
+    def __iter__(self):
+        """(rows, student logits, teacher logits, mask) per chunk."""
+        for start in range(0, self.x.shape[0], self.chunk_size):
+            rows = slice(start, min(start + self.chunk_size, self.x.shape[0]))
+            logits = torch.nn.functional.linear(self.x[rows], self.weight, self.bias)
+            teacher = torch.nn.functional.linear(self.teacher_x[rows], self.teacher_weight, self.teacher_bias)
+            teacher = teacher.to(logits.device, non_blocking=True)  # a teacher on another device projects there
+            yield rows, logits, teacher, None if self.mask is None else self.mask[rows]
+
+    def add_gradient(self, rows: slice, grad_logits: torch.Tensor) -> None:
+        vocab = grad_logits.shape[1]
+        if self.grad_x is not None:
+            self.grad_x[rows] = grad_logits @ self.weight
+        if self.grad_w is not None:
+            shared = self.grad_w[:vocab]
+            if grad_logits.dtype == self.accumulate:
+                shared.addmm_(grad_logits.t(), self.x[rows])  # no [V, H] temporary
+            else:  # 16-bit matmul (fp32 inside the GEMM), accumulated across chunks in fp32
+                shared += (grad_logits.t() @ self.x[rows]).to(self.accumulate)
+        if self.grad_b is not None:
+            self.grad_b[:vocab] += grad_logits.to(self.accumulate).sum(0)
+
+    def gradients(self, scale: Optional[torch.Tensor], like: Tuple[torch.Tensor, ...]):
+        grads = []
+        for grad, tensor in zip((self.grad_x, self.grad_w, self.grad_b), like):
+            if grad is not None and scale is not None:
+                grad = grad.mul_(scale)
+            grads.append(None if grad is None else grad.to(tensor.dtype))
+        return grads
+
+
+def _stats_vector(stats: Optional[KDStats], device) -> torch.Tensor:
+    return torch.stack(tuple(stats)) if stats is not None else torch.zeros(4, dtype=torch.float64, device=device)
+
+
 class _FusedLinearAdaptiveKD(torch.autograd.Function):
+    """reduction "mean" / "sum": the gradients are complete when the forward returns."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, loss_args, reduction,
-                chunk_size):
-        rows = x.shape[0]
-        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_x = torch.zeros_like(x) if need_x else None
-        accumulate = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
-        grad_w = torch.zeros(weight.shape, dtype=accumulate, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=accumulate, device=weight.device) if need_b else None
+                chunk_size, vocab, with_stats):
+        chunks = _Chunks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size,
+                         ctx.needs_input_grad)
         total = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        need_grad = need_x or need_w or need_b
-        for start in range(0, rows, chunk_size):
-            end = min(start + chunk_size, rows)
-            x_chunk = x[start:end]
-            logits = torch.nn.functional.linear(x_chunk, weight, bias)
-            teacher = torch.nn.functional.linear(teacher_x[start:end], teacher_weight, teacher_bias)
-            chunk_mask = None if mask is None else mask[start:end]
-            if not need_grad:
+        stats = KDStats.zeros(x.device) if with_stats else None
+        for rows, logits, teacher, chunk_mask in chunks:
+            if with_stats:
+                stats = stats + adaptive_kd_stats(logits, teacher, mask=chunk_mask, **_stats_args(loss_args))
+            if not chunks.need_grad:
                 total += fused_adaptive_kd(logits, teacher, reduction="sum", mask=chunk_mask, **loss_args).to(total.dtype)
                 continue
             leaf = logits.requires_grad_(True)
@@ -112,32 +168,22 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
             (grad_logits,) = torch.autograd.grad(loss, leaf)
             total += loss.detach().to(total.dtype)
             del leaf, logits, teacher, loss  # the loss's graph would keep the student logits alive
-            if need_x:
-                grad_x[start:end] = grad_logits @ weight
-            if need_w and grad_logits.dtype == accumulate:
-                grad_w.addmm_(grad_logits.t(), x_chunk)  # no [V, H] temporary
-            elif need_w:  # 16-bit matmul (fp32 inside the GEMM), accumulated across chunks in fp32
-                grad_w += (grad_logits.t() @ x_chunk).to(accumulate)
-            if need_b:
-                grad_b += grad_logits.to(accumulate).sum(0)
+            chunks.add_gradient(rows, grad_logits)
             del grad_logits
         scale = None
         if reduction == "mean":
-            count = mask.sum() if mask is not None else torch.tensor(rows, device=x.device)
+            count = mask.sum() if mask is not None else torch.tensor(x.shape[0], device=x.device)
             scale = 1.0 / count.clamp(min=1).to(total.dtype)
             total = total * scale
-        grads = []
-        for grad, like in ((grad_x, x), (grad_w, weight), (grad_b, bias)):
-            if grad is not None and scale is not None:
-                grad = grad.mul_(scale)
-            grads.append(None if grad is None else grad.to(like.dtype))
         # Kept on ctx rather than saved: the backward hands them over, and a leaf's AccumulateGrad can only
         # adopt a gradient nothing else references (a saved tensor would make it copy the [V, H] one).
-        ctx.grads = grads
-        return total.to(torch.promote_types(x.dtype, teacher_x.dtype))
+        ctx.grads = chunks.gradients(scale, (x, weight, bias))
+        stats_vector = _stats_vector(stats, x.device)
+        ctx.mark_non_differentiable(stats_vector)
+        return total.to(torch.promote_types(x.dtype, teacher_x.dtype)), stats_vector
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _stats):
         if torch.is_grad_enabled():
             raise RuntimeError("fused_linear_adaptive_kd has no second derivative (create_graph=True)")
         # A graph kept for another backward keeps the gradients and gets scaled copies. Otherwise they are
@@ -148,7 +194,50 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
                 grads = [None if grad is None else grad.mul_(grad_loss) for grad in grads]
-        return (*grads, None, None, None, None, None, None, None)
+        return (*grads, *(None,) * 9)
+
+
+class _FusedLinearAdaptiveKDRows(torch.autograd.Function):
+    """reduction "none": the forward computes the per-row values only; the backward, given a gradient per row,
+    recomputes each chunk's logits and takes their weighted gradient (one more pass of both projections)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, loss_args, chunk_size, vocab,
+                with_stats):
+        chunks = _Chunks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size,
+                         (False, False, False))
+        values = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, teacher_x.dtype), device=x.device)
+        stats = KDStats.zeros(x.device) if with_stats else None
+        for rows, logits, teacher, chunk_mask in chunks:
+            if with_stats:
+                stats = stats + adaptive_kd_stats(logits, teacher, mask=chunk_mask, **_stats_args(loss_args))
+            values[rows] = fused_adaptive_kd(logits, teacher, reduction="none", mask=chunk_mask, **loss_args)
+        ctx.save_for_backward(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask)
+        ctx.settings = (loss_args, chunk_size, vocab)
+        stats_vector = _stats_vector(stats, x.device)
+        ctx.mark_non_differentiable(stats_vector)
+        return values, stats_vector
+
+    @staticmethod
+    def backward(ctx, grad_values, _stats):
+        if torch.is_grad_enabled():
+            raise RuntimeError("fused_linear_adaptive_kd has no second derivative (create_graph=True)")
+        x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask = ctx.saved_tensors
+        loss_args, chunk_size, vocab = ctx.settings
+        chunks = _Chunks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size,
+                         ctx.needs_input_grad)
+        for rows, logits, teacher, chunk_mask in chunks:
+            leaf = logits.requires_grad_(True)
+            with torch.enable_grad():
+                values = fused_adaptive_kd(leaf, teacher, reduction="none", mask=chunk_mask, **loss_args)
+            (grad_logits,) = torch.autograd.grad(values, leaf, grad_outputs=grad_values[rows].to(values.dtype))
+            del leaf, logits, teacher, values
+            chunks.add_gradient(rows, grad_logits)
+        return (*chunks.gradients(None, (x, weight, bias)), *(None,) * 8)
+
+
+def _stats_args(loss_args):
+    return {key: value for key, value in loss_args.items() if key != "backend"}
 
 
 def fused_linear_adaptive_kd(
@@ -166,46 +255,65 @@ def fused_linear_adaptive_kd(
     reduction: str = "mean",
     mask: Optional[torch.Tensor] = None,
     chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    tokenizer_size: Optional[int] = None,
+    return_stats: bool = False,
     backend: str = "auto",
-) -> torch.Tensor:
+) -> Union[torch.Tensor, Tuple[torch.Tensor, KDStats]]:
     """``fused_adaptive_kd(student_input @ student_weight.T + student_bias, teacher_input @ teacher_weight.T +
     teacher_bias)`` without ever holding the ``[N, V]`` logits (see the module doc).
 
     Args:
         student_input: ``[..., H]`` hidden states of the student (differentiated).
-        student_weight, student_bias: ``[V, H]`` and ``[V]`` output projection of the student (differentiated).
-        teacher_input, teacher_weight, teacher_bias: the teacher's ``[..., H_t]``, ``[V, H_t]``, ``[V]``
-            (``H_t`` may differ from ``H``; never differentiated).
+        student_weight, student_bias: ``[V_s, H]`` and ``[V_s]`` output projection of the student (differentiated
+            when they require grad; a frozen head gets no gradient and no ``[V, H]`` buffer).
+        teacher_input, teacher_weight, teacher_bias: the teacher's ``[..., H_t]``, ``[V_t, H_t]``, ``[V_t]``
+            (``H_t`` may differ from ``H``; never differentiated; any dtype, and any device: each chunk of
+            teacher logits is projected there and copied to the student's device).
         alpha_min, alpha_max, clip, temperature, backend: as :func:`fused_adaptive_kd`.
-        reduction: ``"mean"`` over unmasked rows or ``"sum"``.
+        reduction: ``"mean"`` over unmasked rows, ``"sum"``, or ``"none"`` (``[...]``, masked rows 0; its
+            backward recomputes each chunk's logits to weight the rows by their incoming gradient).
         mask: optional bool ``[...]``; ``False`` rows (padding, prompt tokens) give 0 and do not count.
         chunk_size: rows per chunk (default: :func:`default_chunk_size`).
+        vocab_size, tokenizer_size: heads of different row counts (a padded embedding) are compared on their
+            first ``vocab_size`` rows, by default the smaller head's; ``tokenizer_size`` (``len(tokenizer)``)
+            checks that every token has a row in both (see :mod:`alphadiv_kernels.vocabulary`).
+        return_stats: also return a :class:`~alphadiv_kernels.diagnostics.KDStats` of the call (device tensors).
     """
     _check_tensors(student_input, student_weight, student_bias, teacher_input, teacher_weight, teacher_bias, mask)
     _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_size, backend)
+    vocab = shared_vocabulary(student_weight.shape[0], teacher_weight.shape[0], vocab_size, tokenizer_size)
     x = student_input.reshape(-1, student_input.shape[-1])
     teacher_x = teacher_input.reshape(-1, teacher_input.shape[-1]).detach()
     flat_mask = None if mask is None else mask.reshape(-1)
     chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], x.element_size())
     loss_args = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
                      temperature=float(temperature), backend=backend)
-    return _FusedLinearAdaptiveKD.apply(x, student_weight, student_bias, teacher_x, teacher_weight.detach(),
-                                        None if teacher_bias is None else teacher_bias.detach(), flat_mask,
-                                        loss_args, reduction, chunk)
+    teacher = (_leading_rows(teacher_weight.detach(), vocab),
+               None if teacher_bias is None else _leading_rows(teacher_bias.detach(), vocab))
+    if reduction == "none":
+        values, stats = _FusedLinearAdaptiveKDRows.apply(x, student_weight, student_bias, teacher_x, *teacher,
+                                                         flat_mask, loss_args, chunk, vocab, return_stats)
+        values = values.reshape(student_input.shape[:-1])
+    else:
+        values, stats = _FusedLinearAdaptiveKD.apply(x, student_weight, student_bias, teacher_x, *teacher, flat_mask,
+                                                     loss_args, reduction, chunk, vocab, return_stats)
+    return (values, KDStats(*stats.unbind())) if return_stats else values
 
 
 class FusedLinearAdaptiveKDLoss(nn.Module):
     """The module form: ``loss_fn(student_input, student_weight, teacher_input, teacher_weight, student_bias=None,
-    teacher_bias=None, mask=None)``; settings checked at construction."""
+    teacher_bias=None, mask=None)``; settings checked at construction (``vocab_size`` when the call sees the
+    heads)."""
 
     def __init__(self, alpha_min: float = -1.0, alpha_max: float = 1.0, clip: float = 5.0, *,
                  temperature: float = 1.0, reduction: str = "mean", chunk_size: Optional[int] = None,
-                 backend: str = "auto") -> None:
+                 vocab_size: Optional[int] = None, backend: str = "auto") -> None:
         super().__init__()
         _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_size, backend)
         self.settings = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
                              temperature=float(temperature), reduction=reduction, chunk_size=chunk_size,
-                             backend=backend)
+                             vocab_size=vocab_size, backend=backend)
 
     def forward(self, student_input, student_weight, teacher_input, teacher_weight, student_bias=None,
                 teacher_bias=None, mask=None):

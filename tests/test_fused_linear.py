@@ -22,8 +22,9 @@ def make_problem(gen, rows, hidden, vocab, teacher_hidden=None, bias=True, dtype
         teacher_bias=draw(vocab, scale=0.5) if bias else None)
 
 
-def unfused64(problem, **kwargs):
-    """The logits in float64, the reference loss, autograd: value and grads of input, weight, bias."""
+def unfused64(problem, row_weights=None, **kwargs):
+    """The logits in float64, the reference loss, autograd: value and grads of input, weight, bias (of the
+    weighted sum of the rows' values when `row_weights` is given, with reduction "none")."""
     leaves = {k: problem[k].double().requires_grad_(True) for k in ("student_input", "student_weight", "student_bias")
               if problem[k] is not None}
     logits = torch.nn.functional.linear(leaves["student_input"], leaves["student_weight"], leaves.get("student_bias"))
@@ -31,17 +32,18 @@ def unfused64(problem, **kwargs):
     teacher = torch.nn.functional.linear(problem["teacher_input"].double(), problem["teacher_weight"].double(),
                                          teacher_bias)
     loss = ak.adaptive_kd_reference(logits, teacher, **kwargs)
-    grads = torch.autograd.grad(loss, list(leaves.values()))
+    objective = loss if row_weights is None else (loss * row_weights.double()).sum()
+    grads = torch.autograd.grad(objective, list(leaves.values()))
     return loss.detach(), dict(zip(leaves, grads))
 
 
-def fused(problem, backend, **kwargs):
+def fused(problem, backend, row_weights=None, **kwargs):
     leaves = {k: problem[k].clone().requires_grad_(True) for k in ("student_input", "student_weight", "student_bias")
               if problem[k] is not None}
     loss = ak.fused_linear_adaptive_kd(
         leaves["student_input"], leaves["student_weight"], problem["teacher_input"], problem["teacher_weight"],
         student_bias=leaves.get("student_bias"), teacher_bias=problem["teacher_bias"], backend=backend, **kwargs)
-    loss.backward()
+    (loss if row_weights is None else (loss * row_weights).sum()).backward()
     return loss.detach(), {k: v.grad for k, v in leaves.items()}
 
 
@@ -120,7 +122,10 @@ def test_default_chunk_keeps_the_logits_below_three_quarters_of_the_weight_gradi
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    ({"reduction": "none"}, "reduction must be 'mean' or 'sum'"),
+    ({"reduction": "batchmean"}, "reduction must be one of 'mean', 'sum', 'none'"),
+    ({"vocab_size": 21}, "vocab_size=21 exceeds"),
+    ({"vocab_size": 0}, "vocab_size must be a whole number"),
+    ({"tokenizer_size": 25}, "do not share a vocabulary: the tokenizer has 25 tokens"),
     ({"chunk_size": 0}, "chunk_size"),
     ({"temperature": -1.0}, "temperature"),
     ({"mask": torch.ones(3, dtype=torch.bool)}, "mask must be a bool tensor of shape"),
@@ -146,7 +151,7 @@ def test_module_form(gen):
                   problem["teacher_weight"], problem["student_bias"], problem["teacher_bias"])
     assert torch.equal(got, expected)
     with pytest.raises(ValueError, match="reduction"):
-        ak.FusedLinearAdaptiveKDLoss(reduction="none")
+        ak.FusedLinearAdaptiveKDLoss(reduction="batchmean")
 
 
 def test_retained_graph_and_scaled_backward_give_the_same_gradients(gen):
@@ -158,3 +163,75 @@ def test_retained_graph_and_scaled_backward_give_the_same_gradients(gen):
     (again,) = torch.autograd.grad(3.0 * loss, x)
     torch.testing.assert_close(again, 3.0 * once)
     assert x.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reduction_none_gives_each_row_and_weighted_rows_their_gradient(gen, backend):
+    problem = make_problem(gen, 29, 12, 40, teacher_hidden=20)
+    problem["student_input"] = problem["student_input"].reshape(29, 1, 12)
+    problem["teacher_input"] = problem["teacher_input"].reshape(29, 1, 20)
+    mask = torch.rand(29, 1, generator=gen) < 0.7
+    row_weights = torch.rand(29, 1, generator=gen) * 3
+    kwargs = dict(temperature=1.5, mask=mask, chunk_size=8)
+    values, grads = fused(problem, backend, row_weights=row_weights, reduction="none", **kwargs)
+    ref_values, ref_grads = unfused64(problem, row_weights=row_weights, reduction="none", mask=mask,
+                                     temperature=1.5)
+    assert values.shape == (29, 1) and torch.all(values[~mask] == 0) and torch.all(values[mask] > 0)
+    torch.testing.assert_close(values.double(), ref_values, rtol=1e-5, atol=1e-7)
+    assert_matches((values.sum(), grads), (ref_values.sum(), ref_grads), 29)
+    total = ak.fused_linear_adaptive_kd(problem["student_input"], problem["student_weight"], problem["teacher_input"],
+                                        problem["teacher_weight"], student_bias=problem["student_bias"],
+                                        teacher_bias=problem["teacher_bias"], reduction="sum", backend=backend,
+                                        **kwargs)
+    torch.testing.assert_close(values.sum(), total, rtol=1e-6, atol=0)
+
+
+def sliced(problem, rows):
+    """The problem with both heads cut to their first `rows` rows."""
+    return dict(problem, **{name: problem[name][:rows] for name in ("student_weight", "student_bias",
+                                                                     "teacher_weight", "teacher_bias")})
+
+
+@pytest.mark.parametrize("student_extra, teacher_extra, vocab_size", [(0, 64, None), (64, 0, None), (8, 64, 30)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_padded_heads_equal_the_computation_on_the_shared_rows_in_float64(gen, student_extra, teacher_extra,
+                                                                          vocab_size, reduction):
+    vocab = 37
+    problem = make_problem(gen, 21, 12, vocab + max(student_extra, teacher_extra), teacher_hidden=16,
+                           dtype=torch.float64)
+    padded = dict(problem, student_weight=problem["student_weight"][:vocab + student_extra],
+                  student_bias=problem["student_bias"][:vocab + student_extra],
+                  teacher_weight=problem["teacher_weight"][:vocab + teacher_extra],
+                  teacher_bias=problem["teacher_bias"][:vocab + teacher_extra])
+    shared = vocab_size or vocab
+    row_weights = torch.rand(21, generator=gen, dtype=torch.float64) if reduction == "none" else None
+    got_value, got = fused(padded, "auto", row_weights=row_weights, reduction=reduction, vocab_size=vocab_size,
+                           chunk_size=6)
+    want_value, want = fused(sliced(padded, shared), "auto", row_weights=row_weights, reduction=reduction,
+                             chunk_size=6)
+    ref_value, ref = unfused64(sliced(padded, shared), row_weights=row_weights, reduction=reduction)
+    torch.testing.assert_close(got_value, want_value, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got_value, ref_value, rtol=1e-10, atol=0)
+    assert got["student_weight"].shape == padded["student_weight"].shape
+    for name in ("student_weight", "student_bias"):
+        assert torch.all(got[name][shared:] == 0), "a padded row of the student got a gradient"
+        torch.testing.assert_close(got[name][:shared], ref[name], rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(got["student_input"], ref["student_input"], rtol=1e-10, atol=1e-13)
+
+
+def test_a_frozen_head_gets_no_gradient_and_no_weight_gradient_buffer(gen):
+    vocab, hidden = 4096, 64
+    problem = make_problem(gen, 32, hidden, vocab)
+    x = problem["student_input"].requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        ak.fused_linear_adaptive_kd(x, problem["student_weight"], problem["teacher_input"], problem["teacher_weight"],
+                                    chunk_size=8).backward()
+    assert problem["student_weight"].grad is None and x.grad is not None
+    largest = max(event.cpu_memory_usage for event in profile.events())
+    assert 0 < largest < vocab * hidden * 4, f"an allocation of {largest} bytes: a [V, H] buffer"
+    # The same call with a trainable head allocates it (the check above can see one).
+    weight = problem["student_weight"].clone().requires_grad_(True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as profile:
+        ak.fused_linear_adaptive_kd(x, weight, problem["teacher_input"], problem["teacher_weight"],
+                                    chunk_size=8).backward()
+    assert max(event.cpu_memory_usage for event in profile.events()) >= vocab * hidden * 4

@@ -107,10 +107,12 @@ def test_bad_settings_and_batches_are_one_clear_error():
         causal_lm_adaptive_kd(student, teacher, inputs, temperature=0.0)
     with pytest.raises(ValueError, match="ce_weight"):
         causal_lm_adaptive_kd(student, teacher, inputs, ce_weight=-1.0)
-    wider = student_and_teacher("llama")[1]
-    wider.resize_token_embeddings(wider.config.vocab_size + 64)
-    with pytest.raises(ValueError, match="vocabulary"):
-        causal_lm_adaptive_kd(student, wider, inputs)
+    smaller = student_and_teacher("llama")[1]
+    smaller.resize_token_embeddings(smaller.config.vocab_size - 64)
+    with pytest.raises(ValueError, match="do not share a vocabulary: the tokenizer has 2048 tokens"):
+        causal_lm_adaptive_kd(student, smaller, inputs, tokenizer=list(range(2048)))
+    with pytest.raises(ValueError, match="vocab_size=4096 exceeds"):
+        causal_lm_adaptive_kd(student, teacher, inputs, vocab_size=4096)
     teacher.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         causal_lm_adaptive_kd(student, teacher, inputs)

@@ -20,11 +20,22 @@ The models run with `logits_to_keep` = no positions, so their own `lm_head` proj
 forward hook on the decoder (`model.get_decoder()`) reads the final hidden states. Models whose logits
 are more than `lm_head(h)` (soft-capped or scaled logits) are refused rather than silently distilled
 on the wrong distribution.
+
+Heads of different row counts (a padded embedding: Qwen2.5-7B's 152064 rows against Qwen2.5-0.5B's
+151936) are compared on their shared rows (`alphadiv_kernels.vocabulary`); given the tokenizer, a pair
+whose shared rows do not cover it is refused.
+
+Sharded models: the loss reads `lm_head.weight` outside the model's forward, where a sharding engine
+keeps only a shard of it. `gathered_head` gathers it for the loss: under FSDP2 (`fully_shard`) by
+unsharding the FSDP module that owns the head (the student's gradient then reaches the unsharded weight,
+and FSDP's end-of-backward hook reduce-scatters it and reshards; the teacher's head is resharded at
+once); under DeepSpeed ZeRO-3 with `deepspeed.zero.GatheredParameters`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +45,9 @@ from torch.utils.checkpoint import checkpoint
 import transformers
 
 from .._validation import check_loss_parameters
+from ..diagnostics import KDStats
 from ..fused_linear import fused_linear_adaptive_kd
+from ..vocabulary import shared_vocabulary
 
 IGNORE_INDEX = -100
 LABEL_KEYS = ("labels", "shift_labels")
@@ -42,10 +55,25 @@ LABEL_KEYS = ("labels", "shift_labels")
 LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-def check_settings(temperature, ce_weight, alpha_min, alpha_max, clip) -> None:
+def check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size=None) -> None:
     check_loss_parameters(alpha_min, alpha_max, clip, temperature)
     if not isinstance(ce_weight, (int, float)) or isinstance(ce_weight, bool) or not ce_weight >= 0:
         raise ValueError(f"ce_weight must be a number >= 0, got {ce_weight!r}")
+    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
+        raise ValueError(f"vocab_size must be a whole number >= 1, got {vocab_size!r}")
+
+
+def tokenizer_size(tokenizer) -> Optional[int]:
+    """`len(tokenizer)` (every token, added ones included) of a tokenizer or a processor holding one."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    return len(tokenizer) if tokenizer is not None and hasattr(tokenizer, "__len__") else None
+
+
+def check_vocabularies(student: nn.Module, teacher: nn.Module, vocab_size: Optional[int], tokenizer=None) -> int:
+    """The rows the two heads share (one clear error when they cannot be aligned)."""
+    return shared_vocabulary(output_projection(unwrap(student), "student").weight.shape[0],
+                             output_projection(unwrap(teacher), "teacher").weight.shape[0], vocab_size,
+                             tokenizer_size(tokenizer))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -120,33 +148,85 @@ def _chunk_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
                          targets: torch.Tensor) -> torch.Tensor:
     logits = F.linear(hidden, weight, bias)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # 16-bit logits: softmax in float32
-    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.Tensor,
                           chunk_size: int = 1024) -> torch.Tensor:
-    """Sum of the hard-label cross-entropy of `head(hidden)`, one checkpointed chunk of rows at a time (the
-    backward recomputes a chunk's logits instead of keeping every chunk's)."""
-    hidden, targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
-    total = hidden.new_zeros((), dtype=torch.promote_types(hidden.dtype, torch.float32))
-    for start in range(0, hidden.shape[0], chunk_size):
-        rows = slice(start, start + chunk_size)
-        total = total + checkpoint(_chunk_cross_entropy, hidden[rows], head.weight, head.bias, targets[rows],
-                                   use_reentrant=False)
-    return total
+    """Hard-label cross-entropy of `head(hidden)` per position (0 where the target is -100), one checkpointed
+    chunk of rows at a time (the backward recomputes a chunk's logits instead of keeping every chunk's)."""
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    pieces = [checkpoint(_chunk_cross_entropy, flat_hidden[rows], head.weight, head.bias, flat_targets[rows],
+                         use_reentrant=False)
+              for rows in (slice(start, start + chunk_size) for start in range(0, flat_hidden.shape[0], chunk_size))]
+    return torch.cat(pieces).reshape(targets.shape)
+
+
+def _fsdp_owner(model: nn.Module, head: nn.Module) -> Optional[nn.Module]:
+    """The FSDP2 module whose parameter group holds `head`'s parameters: the innermost `fully_shard`-ed module
+    on the path from `model` to `head` (None when nothing is sharded with FSDP2)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return None
+    head_path = next((name for name, module in model.named_modules() if module is head), None)
+    if head_path is None:
+        return None
+    owners = [(name, module) for name, module in model.named_modules() if isinstance(module, FSDPModule)
+              and (name == "" or head_path == name or head_path.startswith(name + "."))]
+    return max(owners, key=lambda owner: len(owner[0]))[1] if owners else None
+
+
+@contextlib.contextmanager
+def gathered_head(model: nn.Module, trainable: bool) -> Iterator[nn.Linear]:
+    """`model`'s `lm_head` with its whole weight, for the span of the loss (see the module doc).
+
+    FSDP2: the owning module is unsharded; a trainable head stays unsharded until FSDP's end-of-backward hook
+    has reduce-scattered its gradient, a frozen one (the teacher) is resharded on exit. ZeRO-3: the weight is
+    gathered by `deepspeed.zero.GatheredParameters` for the span. Otherwise the head as it is."""
+    inner = unwrap(model)
+    head = output_projection(inner, "student" if trainable else "teacher")
+    owner = _fsdp_owner(inner, head)
+    if owner is not None:
+        owner.unshard()
+        try:
+            yield output_projection(inner, "student" if trainable else "teacher")  # now the unsharded parameters
+        finally:
+            if not trainable:
+                owner.reshard()
+        return
+    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
+            yield head
+        return
+    yield head
 
 
 @dataclass
 class DistillationLoss:
     """`loss` (what to backpropagate), its two sums (detached, before division by `tokens`), the count it was
-    divided by, this batch's distilled positions, and the student's model output (its logits are empty: nothing
-    was projected)."""
+    divided by, this batch's distilled positions, the student's model output (its logits are empty: nothing
+    was projected), the loss's diagnostics (`KDStats`, when asked for) and, with `per_token`, the `[batch, seq]`
+    values whose sum over the batch divided by `tokens` is `loss` (0 at positions not distilled)."""
     loss: torch.Tensor
     kd_sum: torch.Tensor
     ce_sum: Optional[torch.Tensor]
     tokens: torch.Tensor
     distilled: torch.Tensor
     outputs: Any
+    stats: Optional[KDStats] = None
+    per_token: Optional[torch.Tensor] = None
+
+
+def _to_device(inputs: Mapping[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in inputs.items()}
+
+
+def _device_of(model: nn.Module) -> Optional[torch.device]:
+    parameter = next(unwrap(model).parameters(), None)
+    return None if parameter is None else parameter.device
 
 
 def causal_lm_adaptive_kd(
@@ -161,12 +241,18 @@ def causal_lm_adaptive_kd(
     alpha_max: float = 1.0,
     clip: float = 5.0,
     chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    tokenizer: Any = None,
+    per_token: bool = False,
+    return_stats: bool = False,
 ) -> DistillationLoss:
     """The adaptive alpha-divergence distillation loss of a causal LM batch (see the module doc).
 
     Args:
-        student: the student causal LM, or the wrapper around it (DDP): its forward is called as given.
-        teacher: the frozen teacher causal LM, same vocabulary, on the student's device; run under no_grad.
+        student: the student causal LM, or the wrapper around it (DDP, FSDP2, a PEFT model): its forward is
+            called as given.
+        teacher: the frozen teacher causal LM, same tokenizer, run under no_grad; it may sit on another device or
+            in another dtype (the batch is copied to it, each chunk of its logits back to the student's device).
         inputs: the batch (`input_ids`, `attention_mask`, `labels` with -100 on prompt and padding, ...).
         num_items_in_batch: the number of distilled positions the loss is normalised by (all micro-batches of
             the optimizer step); default: this batch's.
@@ -174,65 +260,83 @@ def causal_lm_adaptive_kd(
         ce_weight: weight of the hard-label cross-entropy added to the KD term (default 0.0: distillation only).
         alpha_min, alpha_max, clip: the adaptive divergence's range and gradient clip (AlphaNet: -1, 1, 5).
         chunk_size: rows per chunk of the fused projection (default: chosen from the sizes).
+        vocab_size: rows of the two heads compared (default: the smaller head's; see `alphadiv_kernels.vocabulary`).
+        tokenizer: when given, the pair is refused unless the shared rows cover ``len(tokenizer)``.
+        per_token: also return the ``[batch, seq]`` values (KD + ce_weight * CE per position, unnormalised).
+        return_stats: also return the loss's diagnostics (`KDStats`: alpha_min branch and clip shares).
     """
-    check_settings(temperature, ce_weight, alpha_min, alpha_max, clip)
+    check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size)
     positions = distilled_positions(inputs)
-    student_head = output_projection(unwrap(student), "student")
-    teacher_head = output_projection(unwrap(teacher), "teacher")
+    vocab = check_vocabularies(student, teacher, vocab_size, tokenizer)
+    teacher_device = _device_of(teacher)
+    teacher_inputs = inputs if teacher_device in (None, positions.device) else _to_device(inputs, teacher_device)
     with torch.no_grad():
-        teacher_hidden, _ = final_hidden_states(teacher, inputs)
+        teacher_hidden, _ = final_hidden_states(teacher, teacher_inputs)
     student_hidden, outputs = final_hidden_states(student, inputs)
-    kd_sum = fused_linear_adaptive_kd(
-        student_hidden, student_head.weight, teacher_hidden, teacher_head.weight,
-        student_bias=student_head.bias, teacher_bias=teacher_head.bias, alpha_min=alpha_min, alpha_max=alpha_max,
-        clip=clip, temperature=temperature, reduction="sum", mask=positions, chunk_size=chunk_size)
-    total, ce_sum = kd_sum, None
-    if ce_weight > 0:
-        targets = next_token_targets(inputs).masked_fill(~positions, IGNORE_INDEX)
-        ce_sum = chunked_cross_entropy(student_hidden, student_head, targets)
-        total = total + ce_weight * ce_sum
+    with gathered_head(teacher, trainable=False) as teacher_head, gathered_head(student, trainable=True) as head:
+        kd = fused_linear_adaptive_kd(
+            student_hidden, head.weight, teacher_hidden, teacher_head.weight, student_bias=head.bias,
+            teacher_bias=teacher_head.bias, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
+            temperature=temperature, reduction="none" if per_token else "sum", mask=positions,
+            chunk_size=chunk_size, vocab_size=vocab, return_stats=return_stats)
+        kd, stats = kd if return_stats else (kd, None)
+        values, ce = kd, None
+        if ce_weight > 0:
+            targets = next_token_targets(inputs).masked_fill(~positions, IGNORE_INDEX)
+            ce = chunked_cross_entropy(student_hidden, head, targets)
+            values = values + ce_weight * (ce if per_token else ce.sum())
+    total = values.sum() if per_token else values
     distilled = positions.sum()
     if num_items_in_batch is None:
         tokens = distilled
     else:
         tokens = torch.as_tensor(num_items_in_batch, device=positions.device)
     loss = total / tokens.clamp(min=1).to(total.dtype)
-    return DistillationLoss(loss, kd_sum.detach(), None if ce_sum is None else ce_sum.detach(), tokens, distilled,
-                            outputs)
+    return DistillationLoss(loss, kd.detach().sum(), None if ce is None else ce.detach().sum(), tokens, distilled,
+                            outputs, stats, values if per_token else None)
 
 
 class AdaptiveKDTrainer(transformers.Trainer):
     """`transformers.Trainer` that distills `teacher_model` into `model` with :func:`causal_lm_adaptive_kd`.
 
-    Everything else is the Trainer's: the student's forward goes through its DDP wrapper, gradient accumulation,
-    AMP, logging and checkpoints. The loss of an optimizer step is normalised by the distilled positions of all
-    its micro-batches (and, with `average_tokens_across_devices`, all processes). The teacher is frozen, put in
-    eval mode and moved to the training device; each process holds a full copy of it.
+    Everything else is the Trainer's: the student's forward goes through its DDP / FSDP wrapper, gradient
+    accumulation, AMP, logging and checkpoints. The loss of an optimizer step is normalised by the distilled
+    positions of all its micro-batches (and, with `average_tokens_across_devices`, all processes). The teacher is
+    frozen, put in eval mode and moved to `teacher_device` (default: the training device); each process holds a
+    full copy of it unless it was sharded (`fully_shard`) before it was passed.
 
     The training logs gain `kd_loss` (and `ce_loss` when `ce_weight` > 0): each term per distilled token since the
-    last log, over all processes (the KD term includes the T^2 factor), summed on the device and read only when the
-    Trainer logs (one all-reduce per log under several processes).
+    last log, over all processes (the KD term includes the T^2 factor), and the loss's diagnostics over the same
+    tokens (`alphadiv_kernels.diagnostics`): `kd_alpha_min_share`, the share of distilled tokens whose divergence
+    took the alpha_min branch, and `kd_clip_share`, the share of (token, class) weights the clip bounded. All are
+    summed on the device and read only when the Trainer logs (one all-reduce per log under several processes).
 
     Args (besides the Trainer's):
-        teacher_model: the teacher causal LM (same vocabulary as the student).
+        teacher_model: the teacher causal LM (same tokenizer as the student; heads may differ in padded rows).
         temperature: KD temperature, default 1.0.
         ce_weight: weight of the hard-label cross-entropy added to the KD term, default 0.0 (distillation only).
         alpha_min, alpha_max, clip: the adaptive divergence's settings, default -1.0, 1.0, 5.0 (AlphaNet).
+        vocab_size: rows of the two heads compared (default: the smaller head's); with a `processing_class`
+            the pair is refused at construction unless they cover ``len(tokenizer)``.
+        teacher_device: where the teacher runs (default: the training device).
+        log_stats: log the diagnostics (default True; they cost about one more forward of the loss).
     """
 
     # The loss is already divided by the tokens of the whole accumulated step (see get_batch_samples).
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, teacher_model: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0,
-                 alpha_min: float = -1.0, alpha_max: float = 1.0, clip: float = 5.0, **kwargs):
-        check_settings(temperature, ce_weight, alpha_min, alpha_max, clip)
+                 alpha_min: float = -1.0, alpha_max: float = 1.0, clip: float = 5.0, vocab_size: Optional[int] = None,
+                 teacher_device: Optional[torch.device | str] = None, log_stats: bool = True, **kwargs):
+        check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size)
         super().__init__(*args, **kwargs)
-        output_projection(unwrap(self.model), "student")
-        output_projection(teacher_model, "teacher")
-        self.teacher_model = teacher_model.to(self.args.device).eval().requires_grad_(False)
-        self.loss_settings: Dict[str, float] = dict(temperature=temperature, ce_weight=ce_weight,
-                                                    alpha_min=alpha_min, alpha_max=alpha_max, clip=clip)
-        self.logged_sums: Dict[str, torch.Tensor] = {}  # kd, ce and tokens since the last training log
+        check_vocabularies(self.model, teacher_model, vocab_size, self.processing_class)
+        self.teacher_model = teacher_model.to(teacher_device or self.args.device).eval().requires_grad_(False)
+        self.loss_settings: Dict[str, Any] = dict(temperature=temperature, ce_weight=ce_weight, alpha_min=alpha_min,
+                                                  alpha_max=alpha_max, clip=clip, vocab_size=vocab_size,
+                                                  tokenizer=self.processing_class)
+        self.log_stats = log_stats
+        self.logged_sums: Dict[str, torch.Tensor] = {}  # kd, ce, tokens and the diagnostics since the last log
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         """The step's micro-batches and their distilled positions, counted by the loss's own rule (summed over
@@ -251,12 +355,17 @@ class AdaptiveKDTrainer(transformers.Trainer):
         return batches, count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        training = self.model.training
         result = causal_lm_adaptive_kd(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
-                                       **self.loss_settings)
-        if self.model.training:
-            for name, value in (("kd", result.kd_sum), ("ce", result.ce_sum), ("tokens", result.distilled)):
+                                       return_stats=training and self.log_stats, **self.loss_settings)
+        if training:
+            sums = dict(kd=result.kd_sum, ce=result.ce_sum, tokens=result.distilled)
+            if result.stats is not None:
+                sums.update(alpha_min_rows=result.stats.alpha_min_rows, stat_rows=result.stats.rows,
+                            clipped=result.stats.clipped, entries=result.stats.entries)
+            for name, value in sums.items():
                 if value is not None:
-                    self.logged_sums[name] = self.logged_sums.get(name, 0) + value.float()
+                    self.logged_sums[name] = self.logged_sums.get(name, 0) + value.double()
         loss = result.loss
         # DDP averages the processes' gradients; a loss divided by the tokens of all processes is scaled back up.
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
@@ -273,6 +382,9 @@ class AdaptiveKDTrainer(transformers.Trainer):
             if self.accelerator.num_processes > 1:
                 totals = self.accelerator.reduce(totals, reduction="sum")
             totals = dict(zip(names, totals.tolist()))
+            if "stat_rows" in totals:
+                logs["kd_alpha_min_share"] = totals.pop("alpha_min_rows") / max(totals.pop("stat_rows"), 1.0)
+                logs["kd_clip_share"] = totals.pop("clipped") / max(totals.pop("entries"), 1.0)
             tokens = max(totals.pop("tokens"), 1.0)
             logs.update({f"{name}_loss": value / tokens for name, value in totals.items()})
         super().log(logs, *args, **kwargs)
