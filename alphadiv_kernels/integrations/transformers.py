@@ -25,17 +25,13 @@ Heads of different row counts (a padded embedding: Qwen2.5-7B's 152064 rows agai
 151936) are compared on their shared rows (`alphadiv_kernels.vocabulary`); given the tokenizer, a pair
 whose shared rows do not cover it is refused.
 
-Sharded models: the loss reads `lm_head.weight` outside the model's forward, where a sharding engine
-keeps only a shard of it. `gathered_head` gathers it for the loss: under FSDP2 (`fully_shard`) by
-unsharding the FSDP module that owns the head (the student's gradient then reaches the unsharded weight,
-and FSDP's end-of-backward hook reduce-scatters it and reshards; the teacher's head is resharded at
-once); under DeepSpeed ZeRO-3 with `deepspeed.zero.GatheredParameters`.
+Sharded models (FSDP2, ZeRO-3): the loss runs as the student's `lm_head` forward, so the engine gathers
+and reduce-scatters the head as for any layer; the teacher's head is gathered for the loss (`sharding.py`).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -48,6 +44,7 @@ from .._validation import check_loss_parameters
 from ..diagnostics import KDStats
 from ..fused_linear import fused_linear_adaptive_kd
 from ..vocabulary import shared_vocabulary
+from .sharding import as_one_forward, frozen_head, with_trainable_head
 
 IGNORE_INDEX = -100
 LABEL_KEYS = ("labels", "shift_labels")
@@ -122,8 +119,10 @@ def next_token_targets(inputs: Mapping[str, Any]) -> torch.Tensor:
     return F.pad(inputs["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
 
 
-def final_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> Tuple[torch.Tensor, Any]:
-    """Run `model` (wrapped or not) on `inputs` projecting no logits; its decoder's output and the model's."""
+def final_hidden_states(model: nn.Module, inputs: Mapping[str, Any], forward: Optional[Any] = None
+                        ) -> Tuple[torch.Tensor, Any]:
+    """Run `model` (wrapped or not; through `forward` when given) on `inputs` projecting no logits; its decoder's
+    output and the model's."""
     inner = unwrap(model)
     decoder = inner.get_decoder() if hasattr(inner, "get_decoder") else getattr(inner, "base_model", None)
     if decoder is None or decoder is inner:
@@ -135,7 +134,7 @@ def final_hidden_states(model: nn.Module, inputs: Mapping[str, Any]) -> Tuple[to
     model_inputs = {key: value for key, value in inputs.items() if key not in LABEL_KEYS}
     device = inputs["input_ids"].device if "input_ids" in inputs else None
     try:
-        outputs = model(**model_inputs, use_cache=False,
+        outputs = (forward or model)(**model_inputs, use_cache=False,
                         logits_to_keep=torch.empty(0, dtype=torch.long, device=device))
     finally:
         hook.remove()
@@ -160,48 +159,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, head: nn.Linear, targets: torch.
                          use_reentrant=False)
               for rows in (slice(start, start + chunk_size) for start in range(0, flat_hidden.shape[0], chunk_size))]
     return torch.cat(pieces).reshape(targets.shape)
-
-
-def _fsdp_owner(model: nn.Module, head: nn.Module) -> Optional[nn.Module]:
-    """The FSDP2 module whose parameter group holds `head`'s parameters: the innermost `fully_shard`-ed module
-    on the path from `model` to `head` (None when nothing is sharded with FSDP2)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return None
-    head_path = next((name for name, module in model.named_modules() if module is head), None)
-    if head_path is None:
-        return None
-    owners = [(name, module) for name, module in model.named_modules() if isinstance(module, FSDPModule)
-              and (name == "" or head_path == name or head_path.startswith(name + "."))]
-    return max(owners, key=lambda owner: len(owner[0]))[1] if owners else None
-
-
-@contextlib.contextmanager
-def gathered_head(model: nn.Module, trainable: bool) -> Iterator[nn.Linear]:
-    """`model`'s `lm_head` with its whole weight, for the span of the loss (see the module doc).
-
-    FSDP2: the owning module is unsharded; a trainable head stays unsharded until FSDP's end-of-backward hook
-    has reduce-scattered its gradient, a frozen one (the teacher) is resharded on exit. ZeRO-3: the weight is
-    gathered by `deepspeed.zero.GatheredParameters` for the span. Otherwise the head as it is."""
-    inner = unwrap(model)
-    head = output_projection(inner, "student" if trainable else "teacher")
-    owner = _fsdp_owner(inner, head)
-    if owner is not None:
-        owner.unshard()
-        try:
-            yield output_projection(inner, "student" if trainable else "teacher")  # now the unsharded parameters
-        finally:
-            if not trainable:
-                owner.reshard()
-        return
-    if hasattr(head.weight, "ds_id"):  # a ZeRO-3 partitioned parameter
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(head.parameters()), modifier_rank=None):
-            yield head
-        return
-    yield head
 
 
 @dataclass
@@ -272,19 +229,27 @@ def causal_lm_adaptive_kd(
     teacher_inputs = inputs if teacher_device in (None, positions.device) else _to_device(inputs, teacher_device)
     with torch.no_grad():
         teacher_hidden, _ = final_hidden_states(teacher, teacher_inputs)
-    student_hidden, outputs = final_hidden_states(student, inputs)
-    with gathered_head(teacher, trainable=False) as teacher_head, gathered_head(student, trainable=True) as head:
-        kd = fused_linear_adaptive_kd(
-            student_hidden, head.weight, teacher_hidden, teacher_head.weight, student_bias=head.bias,
-            teacher_bias=teacher_head.bias, alpha_min=alpha_min, alpha_max=alpha_max, clip=clip,
-            temperature=temperature, reduction="none" if per_token else "sum", mask=positions,
-            chunk_size=chunk_size, vocab_size=vocab, return_stats=return_stats)
+    targets = next_token_targets(inputs).masked_fill(~positions, IGNORE_INDEX) if ce_weight > 0 else None
+
+    def project(head: nn.Linear, hidden: torch.Tensor):
+        """KD (and CE) through the student's head, whole here; the teacher's gathered around it."""
+        with frozen_head(unwrap(teacher), output_projection(unwrap(teacher), "teacher"), keep=per_token) as frozen:
+            kd = fused_linear_adaptive_kd(
+                hidden, head.weight, teacher_hidden, frozen[0], student_bias=head.bias, teacher_bias=frozen[1],
+                alpha_min=alpha_min, alpha_max=alpha_max, clip=clip, temperature=temperature,
+                reduction="none" if per_token else "sum", mask=positions, chunk_size=chunk_size, vocab_size=vocab,
+                return_stats=return_stats)
         kd, stats = kd if return_stats else (kd, None)
-        values, ce = kd, None
-        if ce_weight > 0:
-            targets = next_token_targets(inputs).masked_fill(~positions, IGNORE_INDEX)
-            ce = chunked_cross_entropy(student_hidden, head, targets)
-            values = values + ce_weight * (ce if per_token else ce.sum())
+        ce = None if targets is None else chunked_cross_entropy(hidden, head, targets)
+        return kd, ce, stats
+
+    def student_forward_and_loss(forward):
+        student_hidden, outputs = final_hidden_states(student, inputs, forward)
+        head = output_projection(unwrap(student), "student")
+        return (*with_trainable_head(unwrap(student), head, project, student_hidden), outputs)
+
+    kd, ce, stats, outputs = as_one_forward(student, student_forward_and_loss)
+    values = kd if ce is None else kd + ce_weight * (ce if per_token else ce.sum())
     total = values.sum() if per_token else values
     distilled = positions.sum()
     if num_items_in_batch is None:
