@@ -227,3 +227,104 @@ def test_the_readme_example_runs_as_written(tmp_path):
     assert done.returncode == 0, output[-3000:]
     assert "train_loss" in output, output[-3000:]
     assert "'epoch': '1'" in output or "'epoch': 1" in output, output[-3000:]
+
+
+def test_a_teacher_head_padded_by_64_rows_distills_on_the_shared_rows(gen):
+    """Qwen2.5-7B -> 0.5B in small: one tokenizer, the teacher's embedding padded. The padded rows take no part
+    in the softmax: loss and gradients equal the float64 computation on the teacher's first V logits."""
+    student, teacher = student_and_teacher("qwen", torch.float64)
+    teacher.resize_token_embeddings(teacher.config.vocab_size + 64)
+    with torch.no_grad():  # padded rows with large logits: any leak into the softmax shows
+        teacher.get_output_embeddings().weight[-64:] = 50 * torch.randn(64, 48, generator=gen, dtype=torch.float64)
+    twin, inputs = copy.deepcopy(student), batch(seed=7)
+    fused = causal_lm_adaptive_kd(student, teacher, inputs, tokenizer=list(range(2048)))
+    fused.loss.backward()
+    model_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    logits = twin(**model_inputs).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**model_inputs).logits[..., :2048]
+    positions = distilled_positions(inputs)
+    reference = ak.adaptive_kd_reference(logits[positions], teacher_logits[positions], reduction="sum") / positions.sum()
+    reference.backward()
+    torch.testing.assert_close(fused.loss, reference, rtol=1e-10, atol=0)
+    for (name, parameter), (_, expected) in zip(student.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_per_token_values_sum_to_the_loss_and_carry_their_own_gradient(gen):
+    student, teacher = student_and_teacher("llama", torch.float64)
+    twin, inputs = copy.deepcopy(student), batch(seed=8)
+    result = causal_lm_adaptive_kd(student, teacher, inputs, per_token=True, ce_weight=0.5, temperature=1.5)
+    positions = distilled_positions(inputs)
+    assert result.per_token.shape == positions.shape and torch.all(result.per_token[~positions] == 0)
+    torch.testing.assert_close(result.per_token.sum() / positions.sum(), result.loss, rtol=1e-12, atol=0)
+    summed = causal_lm_adaptive_kd(copy.deepcopy(twin), teacher, inputs, ce_weight=0.5, temperature=1.5)
+    torch.testing.assert_close(result.loss, summed.loss, rtol=1e-12, atol=0)
+    # Weighted tokens: the gradient of sum(w * per_token) equals the unfused float64 one.
+    weights = torch.rand(positions.shape, generator=gen, dtype=torch.float64)
+    (weights * result.per_token).sum().backward()
+    model_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    logits = twin(**model_inputs).logits
+    with torch.no_grad():
+        teacher_logits = teacher(**model_inputs).logits
+    per_position = ak.adaptive_kd_reference(logits[positions], teacher_logits[positions], temperature=1.5,
+                                            reduction="none")
+    per_position = per_position + 0.5 * F.cross_entropy(logits[positions], next_token_targets(inputs)[positions],
+                                                        reduction="none")
+    torch.testing.assert_close(result.per_token[positions].detach(), per_position.detach(), rtol=1e-10, atol=1e-12)
+    (weights[positions] * per_position).sum().backward()
+    for (name, parameter), (_, expected) in zip(student.named_parameters(), twin.named_parameters()):
+        torch.testing.assert_close(parameter.grad, expected.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_a_bfloat16_teacher_distills_a_float32_student():
+    student, teacher = student_and_teacher("llama")
+    inputs = batch(seed=9)
+    fused = causal_lm_adaptive_kd(student, teacher.to(torch.bfloat16), inputs)
+    model_inputs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    with torch.no_grad():
+        teacher_logits = teacher(**model_inputs).logits.double()  # the bf16 teacher's own logits
+        logits = student(**model_inputs).logits.double()
+    positions = distilled_positions(inputs)
+    expected = ak.adaptive_kd_reference(logits[positions], teacher_logits[positions], reduction="sum") / positions.sum()
+    assert fused.loss.dtype == torch.float32
+    torch.testing.assert_close(fused.loss.double(), expected, rtol=2e-2, atol=0)  # bf16 head: logits rounded
+
+
+def test_the_trainer_logs_the_diagnostics_of_the_tokens_it_distilled(tmp_path):
+    from hf_models import tiny_model
+
+    # The teacher's own weights with a flatter head: most tokens take the alpha_min branch, with clipped weights.
+    student, teacher = tiny_model("llama", 32, seed=1, head_scale=10.0), tiny_model("llama", 32, seed=1, head_scale=20.0)
+    data = examples(12)
+    with torch.no_grad():
+        expected = causal_lm_adaptive_kd(student, teacher, collate(data), return_stats=True).stats
+    assert 0 < expected.alpha_min_share.item() < 1 and expected.clip_share.item() > 0
+    arguments = training_arguments(str(tmp_path / "run"), 12, 1, 1)
+    trainer = AdaptiveKDTrainer(model=student, teacher_model=teacher, args=arguments, data_collator=collate,
+                                train_dataset=data)
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "kd_loss" in entry)
+    assert logged["kd_alpha_min_share"] == pytest.approx(expected.alpha_min_share.item(), rel=1e-6)
+    assert logged["kd_clip_share"] == pytest.approx(expected.clip_share.item(), rel=1e-6)
+    quiet = AdaptiveKDTrainer(model=student, teacher_model=teacher, data_collator=collate, train_dataset=data,
+                              args=training_arguments(str(tmp_path / "quiet"), 12, 1, 1), log_stats=False)
+    quiet.train()
+    assert not any("kd_clip_share" in entry for entry in quiet.state.log_history)
+
+
+def test_a_lora_student_trains_its_adapters_and_leaves_lm_head_without_gradient(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    student, teacher = student_and_teacher("llama")
+    lora = peft.get_peft_model(student, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    before = {name: value.detach().clone() for name, value in lora.named_parameters()}
+    head = lora.get_output_embeddings()
+    trainer = AdaptiveKDTrainer(model=lora, teacher_model=teacher, train_dataset=examples(8), data_collator=collate,
+                                args=training_arguments(str(tmp_path / "lora"), 4, 1, 2, optim="adamw_torch",
+                                                        learning_rate=1e-2))
+    trainer.train()
+    # A frozen head gets no [V, H] gradient buffer either (test_fused_linear checks the allocations).
+    assert head.weight.grad is None and not head.weight.requires_grad
+    changed = {name for name, value in lora.named_parameters() if not torch.equal(value, before[name])}
+    assert changed and all("lora_" in name for name in changed), sorted(changed)[:5]
+    assert any("kd_loss" in entry for entry in trainer.state.log_history)
