@@ -48,6 +48,11 @@ def is_zero3_partitioned(module: nn.Module) -> bool:
     return any(hasattr(parameter, "ds_id") for parameter in module.parameters(recurse=False))
 
 
+def full_rows(weight: torch.Tensor) -> int:
+    """Rows of a weight as the model defines it (a ZeRO-3 partitioned parameter holds none of them)."""
+    return weight.ds_shape[0] if hasattr(weight, "ds_shape") else weight.shape[0]
+
+
 def run_as_forward(module: nn.Module, function: Callable[..., Any], *args: Any) -> Any:
     """`function(*args)` called as `module`'s forward, inside the module's hooks."""
     module.forward = function  # an instance attribute: nn.Module.__call__ runs the hooks, then it

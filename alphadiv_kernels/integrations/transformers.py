@@ -44,7 +44,7 @@ from .._validation import check_loss_parameters
 from ..diagnostics import KDStats
 from ..fused_linear import fused_linear_adaptive_kd
 from ..vocabulary import shared_vocabulary
-from .sharding import as_one_forward, frozen_head, with_trainable_head
+from .sharding import as_one_forward, frozen_head, full_rows, with_trainable_head
 
 IGNORE_INDEX = -100
 LABEL_KEYS = ("labels", "shift_labels")
@@ -68,8 +68,8 @@ def tokenizer_size(tokenizer) -> Optional[int]:
 
 def check_vocabularies(student: nn.Module, teacher: nn.Module, vocab_size: Optional[int], tokenizer=None) -> int:
     """The rows the two heads share (one clear error when they cannot be aligned)."""
-    return shared_vocabulary(output_projection(unwrap(student), "student").weight.shape[0],
-                             output_projection(unwrap(teacher), "teacher").weight.shape[0], vocab_size,
+    return shared_vocabulary(full_rows(output_projection(unwrap(student), "student").weight),
+                             full_rows(output_projection(unwrap(teacher), "teacher").weight), vocab_size,
                              tokenizer_size(tokenizer))
 
 

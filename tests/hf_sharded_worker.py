@@ -1,10 +1,11 @@
-"""Three SGD steps of causal_lm_adaptive_kd (mode `loss`) or AdaptiveKDTrainer (mode `trainer`), in one process
-or, under torchrun, sharded with FSDP2; saves the losses and the student's full weights.
+"""Three SGD steps of causal_lm_adaptive_kd (modes `loss`, `zero3`) or AdaptiveKDTrainer (mode `trainer`), in one
+process or, under torchrun, sharded; saves the losses and the student's full weights.
 
-    python tests/hf_fsdp_worker.py MODE OUT
+    python tests/hf_sharded_worker.py MODE OUT
 
-Mode `loss`: the student and the teacher are each `fully_shard`-ed per decoder layer, at lm_head and at the
-root, with reshard_after_forward=True everywhere; every process distills its half of each batch, normalised by
+Mode `loss`: FSDP2, the student and the teacher each `fully_shard`-ed per decoder layer, at lm_head and at the
+root, with reshard_after_forward=True everywhere. Mode `zero3`: the student in a DeepSpeed ZeRO-3 engine (every
+parameter partitioned, none kept whole). In both every process distills its half of each batch, normalised by
 the distilled tokens of both halves. Mode `trainer`: see run_trainer.
 """
 import os
@@ -40,10 +41,32 @@ def full_weights(model):
     return weights
 
 
-def run_loss():
+def zero3_engine(model):
+    import deepspeed
+
+    config = {"train_micro_batch_size_per_gpu": BATCH // dist.get_world_size(), "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+              "zero_allow_untested_optimizer": True, "gradient_clipping": 0.0}  # DeepSpeed clips at 1 by default
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, config=config,
+                                                   optimizer=torch.optim.SGD(model.parameters(), lr=LEARNING_RATE))
+    return engine, optimizer
+
+
+def zero3_full_weights(engine):
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(engine.module.parameters())):
+        return full_weights(engine.module)
+
+
+def run_loss(zero3=False):
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-    model, frozen = (shard(student), shard(teacher)) if distributed else (student, teacher)
-    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    if distributed and zero3:
+        model, optimizer = zero3_engine(student)
+        frozen = teacher
+    else:
+        model, frozen = (shard(student), shard(teacher)) if distributed else (student, teacher)
+        optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
     losses = []
     for step in range(STEPS):
         batch = data[step * BATCH:(step + 1) * BATCH]
@@ -51,15 +74,19 @@ def run_loss():
         inputs = collate(batch[rank * share:(rank + 1) * share])
         tokens = collate(batch)["labels"][:, 1:].ne(-100).sum()  # every process's distilled positions
         result = causal_lm_adaptive_kd(model, frozen, inputs, num_items_in_batch=tokens)
-        # FSDP averages the processes' gradients: each process's part of the loss is scaled back up.
-        (result.loss * world).backward()
-        optimizer.step()
-        optimizer.zero_grad()
+        # FSDP and ZeRO average the processes' gradients: each process's part of the loss is scaled back up.
+        if distributed and zero3:
+            model.backward(result.loss * world)
+            model.step()
+        else:
+            (result.loss * world).backward()
+            optimizer.step()
+            optimizer.zero_grad()
         loss = result.loss.detach()
         if distributed:
             dist.all_reduce(loss)
         losses.append(loss.item())
-    return losses, full_weights(model)
+    return losses, zero3_full_weights(model) if distributed and zero3 else full_weights(model)
 
 
 def run_trainer():
@@ -87,7 +114,7 @@ def run_trainer():
 
 if distributed:
     dist.init_process_group("gloo")
-losses, weights = run_loss() if mode == "loss" else run_trainer()
+losses, weights = run_trainer() if mode == "trainer" else run_loss(zero3=mode == "zero3")
 if not distributed or dist.get_rank() == 0:
     torch.save({"losses": losses, "weights": weights}, out)
 if distributed:
