@@ -53,17 +53,22 @@ INITIAL_LOSS_SCALE = 2.0**10  # fp16: small enough that the first steps rarely o
 # The distillation term every command shares
 
 
-def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, config: KDConfig) -> torch.Tensor:
+def kd_divergence(student: torch.Tensor, teacher: torch.Tensor, config: KDConfig, return_stats: bool = False):
     """T^2 D_T(teacher || student) through the fused op: the adaptive alpha-divergence, KL (`kd kl`: both
     alphas 1) or symmetric KL (`kd symmetric`: the op's KL and reverse-KL branches, summed); without the
-    T^2 where `kd_t_squared` is false."""
+    T^2 where `kd_t_squared` is false. With `return_stats` (`kd adaptive` only), also the op's diagnostics."""
+    stats = None
     if config.kd == "symmetric":
         divergence = symmetric_kl(student, teacher, temperature=config.kd_temperature)
     else:
         alphas = (1.0, 1.0) if config.kd == "kl" else (config.alpha_min, config.alpha_max)
         divergence = fused_adaptive_kd(student, teacher, alpha_min=alphas[0], alpha_max=alphas[1],
-                                       clip=config.kd_clip, temperature=config.kd_temperature)
-    return divergence if config.kd_t_squared else divergence / config.kd_temperature**2
+                                       clip=config.kd_clip, temperature=config.kd_temperature,
+                                       return_stats=return_stats)
+        if return_stats:
+            divergence, stats = divergence
+    divergence = divergence if config.kd_t_squared else divergence / config.kd_temperature**2
+    return (divergence, stats) if return_stats else divergence
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,7 +454,7 @@ def flush_steps(run: Run, progress=None) -> None:
         records = run.guard.flush()
         for record in records:
             for name in run.task.loss_names:
-                run.epoch_sums[name] += record[name]
+                run.epoch_sums[name] = run.epoch_sums.get(name, 0.0) + record[name]
             run.epoch_sums["steps"] += 1
         if run.runtime.is_main and records:
             runlog.append_steps(run.out, records)

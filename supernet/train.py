@@ -16,12 +16,14 @@ import contextlib
 import dataclasses
 import os
 import random
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.profiler import record_function
+
+from alphadiv_kernels.diagnostics import KDStats
 
 from . import checkpoint as ckpt
 from . import engine
@@ -34,6 +36,9 @@ from .model import ElasticSupernet
 from .report import summary_lines, width_table_lines, write_width_table
 from .runtime import Runtime, setup_runtime
 from .space import ArchConfig, SearchSpace, get_space
+
+
+ADAPTIVE_KD_STATS = ("kd_alpha_min_share", "kd_clip_share")  # per step, over every student; epoch means in metrics
 
 
 def sample_subnets(space: SearchSpace, seed: int, step: int, count: int) -> List[ArchConfig]:
@@ -88,12 +93,15 @@ def attentive_subnets(model: ElasticSupernet, images: torch.Tensor, labels: torc
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor,
-                      config: TrainConfig) -> torch.Tensor:
+                      config: TrainConfig) -> Tuple[torch.Tensor, Optional[KDStats]]:
     """A student's loss: the adaptive alpha-divergence (or KL) to the teacher, or with `kd none` the
-    label-smoothed cross-entropy the max subnet uses (as the reference's no-distillation ablation)."""
+    label-smoothed cross-entropy the max subnet uses (as the reference's no-distillation ablation); and with
+    `kd adaptive`, the op's diagnostics."""
     if config.kd == "none":
-        return F.cross_entropy(student.float(), labels, label_smoothing=config.label_smoothing)
-    return engine.kd_divergence(student, teacher, config)
+        return F.cross_entropy(student.float(), labels, label_smoothing=config.label_smoothing), None
+    if config.kd == "adaptive":
+        return engine.kd_divergence(student, teacher, config, return_stats=True)
+    return engine.kd_divergence(student, teacher, config), None
 
 
 def sandwich_backward(model: ElasticSupernet, images: torch.Tensor, labels: torch.Tensor,
@@ -107,16 +115,20 @@ def sandwich_backward(model: ElasticSupernet, images: torch.Tensor, labels: torc
     with record_function("backward"):
         scaler.scale(ce).backward()
     teacher = logits.detach()
-    kd_losses = []
+    kd_losses, pooled = [], None
     for subnet in subnets + [space.min_config()]:
         with record_function("forward"):
             with autocast():
                 student = model(images, subnet)
-            kd = distillation_loss(student, teacher, labels, config)
+            kd, stats = distillation_loss(student, teacher, labels, config)
         with record_function("backward"):
             scaler.scale(kd).backward()
         kd_losses.append(kd.detach().float())
-    return {"ce": ce.detach(), "kd": torch.stack(kd_losses).mean()}
+        pooled = stats if pooled is None else pooled + stats
+    losses = {"ce": ce.detach(), "kd": torch.stack(kd_losses).mean()}
+    if pooled is not None:  # over every student of the step
+        losses.update(kd_alpha_min_share=pooled.alpha_min_share.float(), kd_clip_share=pooled.clip_share.float())
+    return losses
 
 
 class SupernetTask(engine.Task):
@@ -124,11 +136,12 @@ class SupernetTask(engine.Task):
     slimmable space, each width at the finish), each BN-calibrated first."""
 
     command = "alphanet train"
-    loss_names = ("ce", "kd")
 
     def __init__(self, config: TrainConfig, splits):
         space = dataclasses.replace(get_space(config.space), num_classes=num_classes(config.dataset, splits))
         self.config, self.space = config, space
+        # The adaptive loss's diagnostics (alphadiv_kernels.diagnostics) ride along as two more step values.
+        self.loss_names = ("ce", "kd", *(ADAPTIVE_KD_STATS if config.kd == "adaptive" else ()))
         self.model = ElasticSupernet(space, config.dropout, config.drop_connect, config.bn_momentum)
 
     def describe(self, run: engine.Run) -> str:
@@ -168,8 +181,12 @@ class SupernetTask(engine.Task):
         return rows
 
     def epoch_line(self, record):
-        return ("epoch {epoch}: ce {train_ce:.3f} kd {train_kd:.4f} val top-1 max {val_top1_max:.1f}% "
+        line = ("epoch {epoch}: ce {train_ce:.3f} kd {train_kd:.4f} val top-1 max {val_top1_max:.1f}% "
                 "min {val_top1_min:.1f}%".format(**record))
+        if "train_kd_alpha_min_share" in record:
+            line += (" (kd: alpha_min on {train_kd_alpha_min_share:.0%} of rows, {train_kd_clip_share:.2%} of weights "
+                     "clipped)".format(**record))
+        return line
 
     def summary_lines(self, run, summary):
         lines = summary_lines(summary, run.out)

@@ -489,3 +489,20 @@ def test_a_run_with_attentive_sampling_trains(tmp_path):
     config = small_config(tmp_path, "attentive", epochs="1", sampler="attentive", attentive_candidates="2")
     summary = train.run_training(config)
     assert summary["step"] == 9 and 0 <= summary["test_top1_min"] <= 100
+
+
+def test_adaptive_kd_diagnostics_are_logged_per_step_and_per_epoch(tmp_path):
+    config = small_config(tmp_path, "stats", epochs="1")
+    train.run_training(config)
+    steps = step_losses(config.out)
+    shares = [(step["kd_alpha_min_share"], step["kd_clip_share"]) for step in steps]
+    assert all(0 <= a <= 1 and 0 <= c <= 1 for a, c in shares) and any(a > 0 for a, _ in shares)
+    with open(os.path.join(config.out, "metrics.jsonl")) as handle:
+        epoch = json.loads(handle.readline())
+    assert epoch["train_kd_alpha_min_share"] == pytest.approx(sum(a for a, _ in shares) / len(shares))
+    assert epoch["train_kd_clip_share"] == pytest.approx(sum(c for _, c in shares) / len(shares))
+    with open(os.path.join(config.out, "metrics.csv")) as handle:
+        assert {"train_kd_alpha_min_share", "train_kd_clip_share"} <= set(handle.readline().strip().split(","))
+    kl = small_config(tmp_path, "kl", epochs="1", kd="kl")
+    train.run_training(kl)
+    assert "kd_clip_share" not in step_losses(kl.out)[0]
