@@ -215,9 +215,12 @@ def test_the_readme_example_runs_as_written(tmp_path):
     words = [f"w{index}" for index in range(300)]
     lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 30))) for _ in range(40)]
     (tmp_path / "train.txt").write_text("\n".join(lines) + "\n\n")
-    for name, hidden, seed in (("Qwen/Qwen2.5-0.5B", 32, 1), ("Qwen/Qwen2.5-1.5B", 48, 2)):
+    for name, hidden, seed, padding in (("Qwen/Qwen2.5-0.5B", 32, 1, 0), ("Qwen/Qwen2.5-7B", 48, 2, 128)):
         folder = str(tmp_path / name)
-        tiny_model("qwen", hidden, seed=seed, head_scale=20.0).save_pretrained(folder)
+        model = tiny_model("qwen", hidden, seed=seed, head_scale=20.0)
+        if padding:  # the larger model's embedding padded, as Qwen2.5-7B's 152064 rows against 151936
+            model.resize_token_embeddings(model.config.vocab_size + padding)
+        model.save_pretrained(folder)
         save_tiny_tokenizer(folder, lines)
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                    "PYTHONPATH": os.path.dirname(HERE) + os.pathsep + os.environ.get("PYTHONPATH", "")}
