@@ -33,6 +33,7 @@ def run_dir(tmp_path_factory):
 def test_eval_of_the_max_subnet_matches_the_trainers_last_validation(run_dir, tmp_path, capsys):
     out = tmp_path / "eval.json"
     cli_main(["eval", "--checkpoint", run_dir, "--arch", "max", "--split", "val", "--calib-images", "256",
+              "--calib-batch-size", "128",  # the run's batch size: the calibration the trainer did
               "--out", str(out)])
     result = json.loads(out.read_text())
     with open(os.path.join(run_dir, "metrics.jsonl")) as handle:
