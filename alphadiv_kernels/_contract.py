@@ -1,6 +1,6 @@
 """The op's contract in one place: its arguments as one named structure, the schema every backend's
 custom op declares (the C++ `TORCH_LIBRARY` in csrc/registration.cpp reads the same: a test compares
-the two registered schemas), and the backends with what each needs to run."""
+the two registered schemas; the same for the sparse-teacher op), and the backends with what each needs to run."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +26,28 @@ class OpArgs(NamedTuple):
     compute_grad: bool  # also return d value / d student
 
 
+class SparseOpArgs(NamedTuple):
+    """The arguments of `alphadiv::sparse_adaptive_kd` and `alphadiv::sparse_adaptive_kd_triton`, in schema order."""
+
+    student: torch.Tensor  # [N, C] logits, any strides
+    topk_indices: torch.Tensor  # int32 / int64 [N, k]: the teacher's classes, distinct within a row
+    topk_logprobs: torch.Tensor  # [N, k]: their log-probabilities, never differentiated
+    mask: Optional[torch.Tensor]
+    alpha_min: float
+    alpha_max: float
+    clip: float
+    temperature: float
+    reduction: int
+    surrogate: bool
+    compute_grad: bool
+
+
 SCHEMA = ("(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, float clip, "
           "float temperature, int reduction, bool surrogate, bool compute_grad) -> (Tensor, Tensor)")
+
+SPARSE_SCHEMA = ("(Tensor student, Tensor topk_indices, Tensor topk_logprobs, Tensor? mask, float alpha_min, "
+                 "float alpha_max, float clip, float temperature, int reduction, bool surrogate, bool compute_grad) "
+                 "-> (Tensor, Tensor)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +58,7 @@ class Backend:
     devices: Tuple[str, ...]
     missing: Callable[[torch.device], Optional[str]]
     op: Callable[[], Optional[object]] = lambda: None
+    sparse_op: Callable[[], Optional[object]] = lambda: None
 
 
 def _cpu_missing(device: torch.device) -> Optional[str]:
@@ -65,9 +86,12 @@ def _triton_missing(device: torch.device) -> Optional[str]:
 
 
 BACKENDS = {  # best first
-    "cuda": Backend(("cuda",), _cuda_missing, lambda: torch.ops.alphadiv.adaptive_kd),
-    "cpu": Backend(("cpu",), _cpu_missing, lambda: torch.ops.alphadiv.adaptive_kd),
-    "triton": Backend(("cuda", "cpu"), _triton_missing, lambda: torch.ops.alphadiv.adaptive_kd_triton),
+    "cuda": Backend(("cuda",), _cuda_missing, lambda: torch.ops.alphadiv.adaptive_kd,
+                    lambda: torch.ops.alphadiv.sparse_adaptive_kd),
+    "cpu": Backend(("cpu",), _cpu_missing, lambda: torch.ops.alphadiv.adaptive_kd,
+                   lambda: torch.ops.alphadiv.sparse_adaptive_kd),
+    "triton": Backend(("cuda", "cpu"), _triton_missing, lambda: torch.ops.alphadiv.adaptive_kd_triton,
+                      lambda: torch.ops.alphadiv.sparse_adaptive_kd_triton),
     "reference": Backend((), lambda device: None),
 }
 AUTO = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton")}  # what `backend="auto"` tries, per device

@@ -139,3 +139,73 @@ def validate_kd_arguments(
         reduction=REDUCTIONS[reduction],
         surrogate=value == "surrogate",
     )
+
+
+class SparseKDArguments(NamedTuple):
+    """Validated arguments of the sparse-teacher loss, flattened to [N, C], [N, k], [N, k] and [N]."""
+
+    student: torch.Tensor
+    indices: torch.Tensor
+    logprobs: torch.Tensor
+    mask: Optional[torch.Tensor]
+    leading_shape: torch.Size
+    reduction: int
+    surrogate: bool
+
+
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_sparse_teacher_shapes(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
+                                 names=("student_logits", "topk_indices", "topk_logprobs")) -> None:
+    """Types, shapes and devices of a (student logits or hidden states, top-k indices, top-k log-probs) triple."""
+    for name, tensor in zip(names, (student, indices, logprobs)):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+        if tensor.dim() == 0:
+            raise ValueError(f"{name} must have at least one dimension, got a scalar")
+    if not student.is_floating_point():
+        raise TypeError(f"{names[0]} must be a floating-point tensor, got {student.dtype}")
+    if indices.dtype not in INDEX_DTYPES:
+        raise TypeError(f"{names[1]} must be int32 or int64 class indices, got {indices.dtype}")
+    if not logprobs.is_floating_point():
+        raise TypeError(f"{names[2]} must be a floating-point tensor of log-probabilities, got {logprobs.dtype}")
+    if indices.shape != logprobs.shape:
+        raise ValueError(f"{names[1]} and {names[2]} must have the same shape, got {tuple(indices.shape)} and "
+                         f"{tuple(logprobs.shape)}")
+    if indices.shape[:-1] != student.shape[:-1]:
+        raise ValueError(f"{names[1]} must have {names[0]}'s leading shape {tuple(student.shape[:-1])} (then k), "
+                         f"got {tuple(indices.shape)}")
+    if indices.shape[-1] == 0:
+        raise ValueError(f"{names[1]} needs at least one class per row (k = 0)")
+    for name, tensor in zip(names[1:], (indices, logprobs)):
+        if tensor.device != student.device:
+            raise ValueError(f"{name} must be on {names[0]}'s device {student.device}, got {tensor.device}")
+
+
+def validate_sparse_arguments(student_logits, topk_indices, topk_logprobs, *, alpha_min, alpha_max, clip,
+                              temperature, reduction, value, mask) -> SparseKDArguments:
+    check_sparse_teacher_shapes(student_logits, topk_indices, topk_logprobs)
+    num_classes, k = student_logits.shape[-1], topk_indices.shape[-1]
+    if num_classes == 0:
+        raise ValueError("logits need at least one class: the last dimension has size 0")
+    if k > num_classes:
+        raise ValueError(f"k = {k} teacher classes per row, more than the student's {num_classes} classes")
+    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
+    check_reduction_and_value(reduction, value)
+    leading_shape = student_logits.shape[:-1]
+    flat_mask = None
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor marking the rows that count, got {got}")
+        if mask.shape != leading_shape:
+            raise ValueError(f"mask must have the logits' leading shape {tuple(leading_shape)}, got {tuple(mask.shape)}")
+        if mask.device != student_logits.device:
+            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
+        flat_mask = mask.reshape(-1)
+    return SparseKDArguments(
+        student=student_logits.reshape(-1, num_classes), indices=topk_indices.reshape(-1, k),
+        logprobs=topk_logprobs.reshape(-1, k), mask=flat_mask, leading_shape=leading_shape,
+        reduction=REDUCTIONS[reduction], surrogate=value == "surrogate",
+    )

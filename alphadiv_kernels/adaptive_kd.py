@@ -191,66 +191,79 @@ def _is_traced(tensor: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or type(tensor) is not torch.Tensor
 
 
-def _setup_context(ctx, inputs, output):
-    _, grad = output
-    ctx.mark_non_differentiable(grad)
-    ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) gradient
-    ctx.save_for_backward(grad)
-    args = OpArgs(*inputs)
-    ctx.reduction, ctx.has_grad = args.reduction, args.compute_grad
-
-
 def _graph_is_retained() -> bool:
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
     return keep_graph is None or keep_graph()
 
 
-def _backward(ctx, grad_loss, _unused):
-    (grad,) = ctx.saved_tensors
-    no_grads = (None,) * (len(OpArgs._fields) - 1)  # only the student gets a gradient
-    if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
-        return (None,) + no_grads
-    if torch.is_grad_enabled() and not (_is_traced(grad) or _is_traced(grad_loss)):
-        raise RuntimeError("fused_adaptive_kd has no second derivative: backward with create_graph=True (double "
-                           "backward, gradient penalties, Hessians) is not supported")
-    scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
-    if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
-        return (grad * scale,) + no_grads  # functional; a retained graph needs the buffer intact
-    if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
-        return (grad,) + no_grads
-    return (grad.mul_(scale),) + no_grads  # in place: the saved buffer becomes the result
+def make_autograd(args_type):
+    """(setup_context, backward) of an op whose inputs are `args_type` (a NamedTuple with `reduction` and
+    `compute_grad`, the student first) and whose outputs are (value, d value / d student)."""
+
+    def setup_context(ctx, inputs, output):
+        _, grad = output
+        ctx.mark_non_differentiable(grad)
+        ctx.set_materialize_grads(False)  # no zeros for the gradient output's (absent) gradient
+        ctx.save_for_backward(grad)
+        args = args_type(*inputs)
+        ctx.reduction, ctx.has_grad = args.reduction, args.compute_grad
+
+    def backward(ctx, grad_loss, _unused):
+        (grad,) = ctx.saved_tensors
+        no_grads = (None,) * (len(args_type._fields) - 1)  # only the student gets a gradient
+        if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
+            return (None,) + no_grads
+        if torch.is_grad_enabled() and not (_is_traced(grad) or _is_traced(grad_loss)):
+            raise RuntimeError("fused_adaptive_kd has no second derivative: backward with create_graph=True (double "
+                               "backward, gradient penalties, Hessians) is not supported")
+        scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
+        if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
+            return (grad * scale,) + no_grads  # functional; a retained graph needs the buffer intact
+        if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
+            return (grad,) + no_grads
+        return (grad.mul_(scale),) + no_grads  # in place: the saved buffer becomes the result
+
+    return setup_context, backward
 
 
-class _EagerAdaptiveKD(torch.autograd.Function):
+def make_eager_function(args_type):
     """The op's autograd for eager calls, without torch.library's generic wrapper, which re-reads the
     schema's defaults on every call (about 80 us here, 15% of a 256x1000 step); the same context and
     backward as the registered autograd, which torch.compile, torch.func, opcheck and direct op calls
     use. Old-style forward(ctx, ...): the setup_context style binds its arguments with `inspect` on
-    every call, which costs as much again."""
+    every call, which costs as much again. `apply(*inputs, op)`."""
+    setup_context, backward = make_autograd(args_type)
 
-    @staticmethod
-    def forward(ctx, *inputs_and_op):
-        *inputs, op = inputs_and_op
-        with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel, past the registered autograd
-            output = op(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
+    class EagerOp(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs_and_op):
+            *inputs, op = inputs_and_op
+            with torch._C._AutoDispatchBelowAutograd():  # straight to the kernel, past the registered autograd
+                output = op(*inputs)
+            setup_context(ctx, inputs, output)
+            return output
 
-    @staticmethod
-    def backward(ctx, grad_loss, _unused):
-        return _backward(ctx, grad_loss, _unused) + (None,)
+        @staticmethod
+        def backward(ctx, grad_loss, _unused):
+            return backward(ctx, grad_loss, _unused) + (None,)
+
+    return EagerOp
 
 
-def _register(op_name: str) -> None:
-    torch.library.register_fake(op_name)(_adaptive_kd_fake)
-    torch.library.register_autograd(op_name, _backward, setup_context=_setup_context)
+_EagerAdaptiveKD = make_eager_function(OpArgs)
+
+
+def register_op(op_name: str, fake, args_type) -> None:
+    torch.library.register_fake(op_name)(fake)
+    setup_context, backward = make_autograd(args_type)
+    torch.library.register_autograd(op_name, backward, setup_context=setup_context)
 
 
 if _extension.HAS_CPU_EXTENSION:
-    _register("alphadiv::adaptive_kd")
+    register_op("alphadiv::adaptive_kd", _adaptive_kd_fake, OpArgs)
 
 if triton_adaptive_kd.triton is not None:
     torch.library.define("alphadiv::adaptive_kd_triton", SCHEMA)
     # CPU too: Triton's interpreter (TRITON_INTERPRET=1) runs the kernel on CPU tensors.
     torch.library.impl("alphadiv::adaptive_kd_triton", ["CUDA", "CPU"])(triton_adaptive_kd.adaptive_kd_triton)
-    _register("alphadiv::adaptive_kd_triton")
+    register_op("alphadiv::adaptive_kd_triton", _adaptive_kd_fake, OpArgs)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._constants import BRANCH_FORWARD_KL, BRANCH_REVERSE_KL, REDUCTION_MEAN, REDUCTION_NONE, branch_code
-from ._validation import validate_kd_arguments
+from ._validation import validate_kd_arguments, validate_sparse_arguments as _validate_sparse_arguments
 
 
 def _branch(lq: torch.Tensor, lp: torch.Tensor, alpha: float, clip: float):
@@ -184,6 +184,101 @@ def symmetric_kl_reference(
     if args.reduction == REDUCTION_MEAN:
         weight = weight / weight.sum().clamp(min=1)
     rows = torch.where(weight != 0, rows * weight, 0.0)
+    if args.reduction == REDUCTION_NONE:
+        return rows.reshape(args.leading_shape).to(out_dtype)
+    return rows.sum().to(out_dtype)
+
+
+def sparse_teacher_bins(topk_logprobs: torch.Tensor, covers_every_class: bool) -> torch.Tensor:
+    """The teacher's k + 1 bin log-probabilities ``[N, k + 1]``: its k cached log-probabilities and the tail,
+    ``log max(0, 1 - sum exp(lp))`` (summed in float64; ``-inf``, an empty bin, when the k classes are all C)."""
+    tail = (1.0 - topk_logprobs.to(torch.float64).exp().sum(-1)).clamp(min=0.0)
+    if covers_every_class:
+        tail = torch.zeros_like(tail)
+    return torch.cat([topk_logprobs, tail.log().to(topk_logprobs.dtype).unsqueeze(-1)], dim=-1)
+
+
+def check_sparse_teacher(topk_indices: torch.Tensor, topk_logprobs: torch.Tensor, num_classes: int) -> None:
+    """The checks the CPU kernel makes (with a host synchronisation on other devices): indices in [0, C) and
+    distinct within a row, log-probabilities <= 0 and not NaN."""
+    if topk_indices.numel() == 0:
+        return
+    if bool((topk_indices < 0).any()) or bool((topk_indices >= num_classes).any()):
+        raise ValueError(f"topk_indices must lie in [0, {num_classes}) (the student's classes), got values in "
+                         f"[{int(topk_indices.min())}, {int(topk_indices.max())}]")
+    ordered = topk_indices.sort(-1).values
+    if bool((ordered[..., 1:] == ordered[..., :-1]).any()):
+        raise ValueError("topk_indices has a class twice in a row: each row's k classes must be distinct")
+    if bool((topk_logprobs > 0).any()) or bool(topk_logprobs.isnan().any()):
+        raise ValueError("topk_logprobs must be log-probabilities (<= 0, not NaN)")
+
+
+def sparse_adaptive_kd_reference(
+    student_logits: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    clip: float = 5.0,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    value: str = "divergence",
+    mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Eager spec of :func:`alphadiv_kernels.fused_sparse_adaptive_kd`: the adaptive loss on k + 1 bins.
+
+    Per row the teacher gives k classes ``I`` and their log-probabilities (used as given: already at the
+    temperature the cache was made with); its tail bin holds ``1 - sum p_I``. The student's bins are
+    ``log q_I`` and ``log q_tail = logsumexp`` over the classes outside ``I`` of ``log_softmax(s / T)``
+    (a sum over those classes, exact when the tail is tiny). The branches, clip, selection, value modes,
+    reduction, mask and T^2 are those of :func:`adaptive_kd_reference` on the bins (its `_branch`); the
+    gradient wrt the logits is the bins' gradient taken through the gather and the tail's logsumexp by
+    autograd, so the tail's share goes to the classes outside ``I`` in proportion to their q. A row whose
+    k log-probabilities are all -inf carries no teacher: value 0, gradient 0 (it still counts in a mean
+    unless masked). Computed in float64 for float64 inputs, else float32.
+    """
+    args = _validate_sparse_arguments(student_logits, topk_indices, topk_logprobs, alpha_min=alpha_min,
+                                      alpha_max=alpha_max, clip=clip, temperature=temperature, reduction=reduction,
+                                      value=value, mask=mask)
+    student, indices, logprobs = args.student, args.indices, args.logprobs
+    num_classes, k = student.shape[1], indices.shape[1]
+    check_sparse_teacher(indices, logprobs, num_classes)
+    out_dtype = torch.promote_types(student_logits.dtype, topk_logprobs.dtype)
+    compute_dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
+    with torch.enable_grad():
+        logits = student.detach().to(compute_dtype).requires_grad_(True)
+        lq = F.log_softmax(logits / temperature, dim=-1)
+        lq_topk = lq.gather(1, indices.long())
+        in_topk = torch.zeros_like(lq, dtype=torch.bool).scatter_(1, indices.long(), True)
+        empty_tail = (~in_topk).sum(-1) == 0
+        # rows without a tail take a finite stand-in, so that the (unused) logsumexp has a finite gradient
+        tail_terms = lq.masked_fill(in_topk, float("-inf")).masked_fill(empty_tail[:, None], 0.0)
+        lq_tail = torch.logsumexp(tail_terms, dim=-1).masked_fill(empty_tail, float("-inf"))
+        lq_bins = torch.cat([lq_topk, lq_tail[:, None]], dim=1)
+    lp_bins = sparse_teacher_bins(logprobs.to(compute_dtype), k == num_classes)
+    with torch.no_grad():
+        bins = lq_bins.detach()
+        d_min, s_min, g_min = _branch(bins, lp_bins, alpha_min, clip)
+        d_max, s_max, g_max = _branch(bins, lp_bins, alpha_max, clip)
+        use_min = d_min > d_max
+        rows = temperature**2 * (torch.where(use_min, s_min, s_max) if args.surrogate
+                                 else torch.where(use_min, d_min, d_max))
+        bin_gradient = torch.where(use_min[:, None], g_min, g_max)
+    # bin_gradient is d D / d z for bin logits z (log_softmax(z) = the bins); through log q_bins(s) it is
+    # sum_b G_b d log q_b / d s_j = G_b(j) q_j / q_b(j), the sum_b G_b = 0 term vanishing.
+    (gradient,) = torch.autograd.grad(lq_bins, logits, grad_outputs=bin_gradient.where(bins > float("-inf"), 0.0))
+    gradient = gradient * temperature**2  # d/ds of T^2 D(s / T): T * dD/d(s/T), and autograd's 1/T is inside
+    with torch.no_grad():
+        no_teacher = (logprobs == float("-inf")).all(-1)
+        weight = torch.ones_like(rows) if args.mask is None else args.mask.to(rows.dtype)
+        if args.reduction == REDUCTION_MEAN:
+            weight = weight / weight.sum().clamp(min=1)
+        keep = (weight != 0) & ~no_teacher
+        rows = torch.where(keep, rows * weight, 0.0)
+        gradient = torch.where(keep[:, None], gradient * weight[:, None], 0.0)
+    if torch.is_grad_enabled() and student_logits.requires_grad:
+        rows = _RowsWithGradient.apply(rows, student_logits.reshape(student.shape), gradient.to(student_logits.dtype))
     if args.reduction == REDUCTION_NONE:
         return rows.reshape(args.leading_shape).to(out_dtype)
     return rows.sum().to(out_dtype)

@@ -37,3 +37,30 @@ inline void check_arguments(const at::Tensor& student, const at::Tensor& teacher
 }
 
 }  // namespace alphadiv
+
+namespace alphadiv {
+
+// The checks of alphadiv::sparse_adaptive_kd's arguments (the parameters are the dense op's).
+inline void check_sparse_arguments(const at::Tensor& student, const at::Tensor& indices, const at::Tensor& logprobs,
+                                   const std::optional<at::Tensor>& mask, double alpha_min, double alpha_max,
+                                   double clip, double temperature, int64_t reduction) {
+  TORCH_CHECK_VALUE(student.dim() == 2 && indices.dim() == 2 && logprobs.dim() == 2,
+                    "alphadiv::sparse_adaptive_kd expects [N, C] logits and [N, k] indices and log-probabilities, got ",
+                    student.sizes(), ", ", indices.sizes(), " and ", logprobs.sizes());
+  TORCH_CHECK_VALUE(indices.sizes() == logprobs.sizes() && indices.size(0) == student.size(0),
+                    "topk_indices and topk_logprobs must be [N, k] with the logits' N rows, got ", indices.sizes(),
+                    " and ", logprobs.sizes(), " for logits ", student.sizes());
+  TORCH_CHECK_VALUE(indices.size(1) > 0 && indices.size(1) <= student.size(1),
+                    "k (the teacher's classes per row) must be in [1, C = ", student.size(1), "], got ", indices.size(1));
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong,
+                   "topk_indices must be int32 or int64, got ", indices.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(logprobs.scalar_type()), "topk_logprobs must be floating point, got ",
+                   logprobs.scalar_type());
+  TORCH_CHECK_VALUE(student.device() == indices.device() && student.device() == logprobs.device(),
+                    "logits, topk_indices and topk_logprobs must be on one device, got ", student.device(), ", ",
+                    indices.device(), " and ", logprobs.device());
+  // The dense op's checks of the parameters and the mask, with the logits standing in for the teacher.
+  check_arguments(student, student, mask, alpha_min, alpha_max, clip, temperature, reduction);
+}
+
+}  // namespace alphadiv

@@ -10,4 +10,10 @@ TORCH_LIBRARY(alphadiv, m) {
       "adaptive_kd(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, "
       "float clip, float temperature, int reduction, bool surrogate, bool compute_grad) "
       "-> (Tensor, Tensor)");
+  // Sparse teacher: per row, k classes and their log-probabilities; the rest of the teacher's mass is one
+  // tail bin (math in sparse_adaptive_kd_math.h). Returns (value, grad) as adaptive_kd.
+  m.def(
+      "sparse_adaptive_kd(Tensor student, Tensor topk_indices, Tensor topk_logprobs, Tensor? mask, float alpha_min, "
+      "float alpha_max, float clip, float temperature, int reduction, bool surrogate, bool compute_grad) "
+      "-> (Tensor, Tensor)");
 }
