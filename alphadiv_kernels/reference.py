@@ -251,9 +251,11 @@ def sparse_adaptive_kd_reference(
         lq = F.log_softmax(logits / temperature, dim=-1)
         lq_topk = lq.gather(1, indices.long())
         in_topk = torch.zeros_like(lq, dtype=torch.bool).scatter_(1, indices.long(), True)
-        empty_tail = (~in_topk).sum(-1) == 0
-        # rows without a tail take a finite stand-in, so that the (unused) logsumexp has a finite gradient
-        tail_terms = lq.masked_fill(in_topk, float("-inf")).masked_fill(empty_tail[:, None], 0.0)
+        tail_terms = lq.masked_fill(in_topk, float("-inf"))
+        # rows whose tail has no class of the student (k = C, or the rest at -inf) take a finite stand-in, so
+        # that the logsumexp, whose value is replaced by -inf, has a finite gradient
+        empty_tail = (tail_terms == float("-inf")).all(-1)
+        tail_terms = tail_terms.masked_fill(empty_tail[:, None], 0.0)
         lq_tail = torch.logsumexp(tail_terms, dim=-1).masked_fill(empty_tail, float("-inf"))
         lq_bins = torch.cat([lq_topk, lq_tail[:, None]], dim=1)
     lp_bins = sparse_teacher_bins(logprobs.to(compute_dtype), k == num_classes)
@@ -267,7 +269,7 @@ def sparse_adaptive_kd_reference(
         bin_gradient = torch.where(use_min[:, None], g_min, g_max)
     # bin_gradient is d D / d z for bin logits z (log_softmax(z) = the bins); through log q_bins(s) it is
     # sum_b G_b d log q_b / d s_j = G_b(j) q_j / q_b(j), the sum_b G_b = 0 term vanishing.
-    (gradient,) = torch.autograd.grad(lq_bins, logits, grad_outputs=bin_gradient.where(bins > float("-inf"), 0.0))
+    (gradient,) = torch.autograd.grad(lq_bins, logits, grad_outputs=bin_gradient)
     gradient = gradient * temperature**2  # d/ds of T^2 D(s / T): T * dD/d(s/T), and autograd's 1/T is inside
     with torch.no_grad():
         no_teacher = (logprobs == float("-inf")).all(-1)

@@ -7,10 +7,10 @@ Two launches (math: csrc/sparse_adaptive_kd_math.h):
   2. `sparse_adaptive_kd_kernel`, a program per row, over blocks of columns with x = s / T:
      a. one sweep: the tail's (classes whose bit is clear) max and sum of exp, online
         (z <- z exp(m_old - m_new) + exp(x - m_new) per lane), and whether a logit is NaN or +inf;
-     b. the k + 1 bins in registers: lq_I = x_I - m - log Z with m = max(m_tail, max x_I) and
+     b. the k + 1 bins in registers, in fp64: lq_I = x_I - m - log Z with m = max(m_tail, max x_I) and
         Z = sum_I exp(x_I - m) + Z_tail exp(m_tail - m), lq_tail = m_tail - m + log(Z_tail / Z); the teacher's
-        tail 1 - sum p_I as -expm1(lp_max) - (the other p, summed in fp64), which keeps a confident
-        teacher's tiny tail; the statistics of both alphas, the selection, the value;
+        tail 1 - sum p_I; the statistics of both alphas, the selection, the value (the teacher's normaliser
+        is inside its log-probabilities, so near-equal rows need log Z below fp32's rounding of ~log C);
      c. the gradient: G_tail exp(x_j - m_tail) / Z_tail at the tail's columns, then G_b at the k classes
         (disjoint stores: no ordering between them is needed).
 Like the dense Triton kernel it uses only tl.exp / tl.log (no libdevice), so it runs under TRITON_INTERPRET=1
@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._constants import BRANCH_FORWARD_KL, REDUCTION_MEAN, REDUCTION_NONE, branch_code
+from ._constants import REDUCTION_MEAN, REDUCTION_NONE, branch_code
 from ._validation import check_loss_parameters
 
 try:
@@ -48,12 +48,12 @@ if triton is not None:
     from .triton_adaptive_kd import FORWARD_KL, REVERSE_KL, _divergence, _expm1
 
     @triton.jit
-    def _mark_topk_kernel(I, LP, BITMAP, BAD, i_stride_row, i_stride_col, l_stride_row, l_stride_col, K, C, WORDS,
+    def _mark_topk_kernel(IDX, LP, BITMAP, BAD, i_stride_row, i_stride_col, l_stride_row, l_stride_col, K, C, WORDS,
                           BLOCK_K: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         b = tl.arange(0, BLOCK_K)
         in_k = b < K
-        j = tl.load(I + row * i_stride_row + b * i_stride_col, mask=in_k, other=0).to(tl.int64)
+        j = tl.load(IDX + row * i_stride_row + b * i_stride_col, mask=in_k, other=0).to(tl.int64)
         lp = tl.load(LP + row * l_stride_row + b * l_stride_col, mask=in_k, other=float("-inf")).to(tl.float32)
         in_range = (j >= 0) & (j < C)
         bit = (j % 32).to(tl.int32)
@@ -91,10 +91,9 @@ if triton is not None:
         """(statistic, divergence, surrogate) of one alpha over the k classes and the tail."""
         stat, surrogate, _ = _bin_terms(lq, lp, alpha, log_clip, BRANCH)
         stat_tail, surrogate_tail, _ = _bin_terms(lq_tail, lp_tail, alpha, log_clip, BRANCH)
-        statistic = tl.sum(tl.where(in_k, stat, 0.0).to(tl.float64), axis=0) + stat_tail.to(tl.float64)
-        surrogate_sum = tl.sum(tl.where(in_k, surrogate, 0.0).to(tl.float64), axis=0) + surrogate_tail.to(tl.float64)
-        statistic = statistic.to(tl.float32)
-        return statistic, _divergence(statistic, alpha, BRANCH), surrogate_sum.to(tl.float32)
+        statistic = tl.sum(tl.where(in_k, stat, 0.0), axis=0) + stat_tail
+        surrogate_sum = tl.sum(tl.where(in_k, surrogate, 0.0), axis=0) + surrogate_tail
+        return statistic, _divergence(statistic, alpha, BRANCH), surrogate_sum
 
     @triton.jit
     def _tail_logits(S, BITMAP, row, s_stride_row, s_stride_col, cols, valid, WORDS, inv_t):
@@ -106,7 +105,7 @@ if triton is not None:
         return x, tl.where(in_topk, float("-inf"), x), in_topk
 
     @triton.jit
-    def sparse_adaptive_kd_kernel(S, I, LP, G, ROW_VALUES, MASK, BITMAP, BAD, DEVICE_ROW_WEIGHT, s_stride_row,
+    def sparse_adaptive_kd_kernel(S, IDX, LP, G, ROW_VALUES, MASK, BITMAP, BAD, DEVICE_ROW_WEIGHT, s_stride_row,
                                   s_stride_col, i_stride_row, i_stride_col, l_stride_row, l_stride_col, C, K, WORDS,
                                   inv_t, temperature, t_squared, row_weight, alpha_lo, alpha_hi, log_clip,
                                   BRANCH_LO: tl.constexpr, BRANCH_HI: tl.constexpr, SAME_ALPHA: tl.constexpr,
@@ -122,11 +121,12 @@ if triton is not None:
             weight = tl.load(DEVICE_ROW_WEIGHT).to(tl.float32)
         lp = tl.load(LP + row * l_stride_row + b * l_stride_col, mask=in_k, other=float("-inf")).to(tl.float32)
         lp_max = tl.max(lp, axis=0)
-        has_teacher = lp_max > float("-inf")  # a row without a teacher is 0, like a masked one
+        bad = tl.load(BAD + row) != 0
+        has_teacher = (lp_max > float("-inf")) | bad  # a row without a teacher is 0, like a masked one
         if HAS_MASK:
             has_teacher = has_teacher & (tl.load(MASK + row) != 0)
         if has_teacher:
-            j = tl.load(I + row * i_stride_row + b * i_stride_col, mask=in_k, other=0).to(tl.int64)
+            j = tl.load(IDX + row * i_stride_row + b * i_stride_col, mask=in_k, other=0).to(tl.int64)
             in_range = in_k & (j >= 0) & (j < C)
             x_topk = tl.load(S + row * s_stride_row + j * s_stride_col, mask=in_range,
                              other=float("-inf")).to(tl.float32) * inv_t
@@ -148,21 +148,22 @@ if triton is not None:
             max_tail = tl.max(run_max, axis=0)
             has_tail = max_tail > float("-inf")
             z_tail = tl.sum(tl.where(run_max > float("-inf"), run_sum * tl.exp(run_max - max_tail), 0.0), axis=0)
-            bad = (tl.load(BAD + row) != 0) | (tl.max(nonfinite, axis=0) != 0) | (tl.max(any_finite, axis=0) == 0)
+            bad = bad | (tl.max(nonfinite, axis=0) != 0) | (tl.max(any_finite, axis=0) == 0)
             if bad:  # bad teacher entries, NaN or +inf logits, or every class at -inf
                 tl.store(ROW_VALUES + row, float("nan"))
                 if COMPUTE_GRAD:
                     _fill_row(G, row, C, float("nan"), BLOCK)
             else:
-                # b: the bins
-                row_max = tl.maximum(max_tail, tl.max(x_topk, axis=0))
-                z = tl.sum(tl.where(in_range, tl.exp(x_topk - row_max), 0.0), axis=0)
-                z += tl.where(has_tail, z_tail * tl.exp(max_tail - row_max), 0.0)
-                lq = x_topk - row_max - tl.log(z)
-                lq_tail = tl.where(has_tail, max_tail - row_max + tl.log(z_tail / z), float("-inf"))
-                p_all = tl.sum(tl.where(in_k, tl.exp(lp), 0.0).to(tl.float64), axis=0)
-                p_others = p_all - tl.exp(lp_max).to(tl.float64)
-                p_tail = tl.maximum(-_expm1(lp_max).to(tl.float64) - p_others, 0.0).to(tl.float32)
+                # b: the bins (fp64)
+                x_bins = x_topk.to(tl.float64)
+                row_max = tl.maximum(max_tail.to(tl.float64), tl.max(x_bins, axis=0))
+                z = tl.sum(tl.where(in_range, tl.exp(x_bins - row_max), 0.0), axis=0)
+                z += tl.where(has_tail, z_tail.to(tl.float64) * tl.exp(max_tail.to(tl.float64) - row_max), 0.0)
+                lq = x_bins - row_max - tl.log(z)
+                lq_tail = tl.where(has_tail, max_tail.to(tl.float64) - row_max + tl.log(z_tail.to(tl.float64) / z),
+                                   float("-inf"))
+                lp = lp.to(tl.float64)
+                p_tail = tl.maximum(1.0 - tl.sum(tl.where(in_k, tl.exp(lp), 0.0), axis=0), 0.0)
                 if TAIL_EMPTY:
                     p_tail = 0.0 * p_tail
                 lp_tail = tl.log(p_tail)
@@ -176,7 +177,7 @@ if triton is not None:
                 value = tl.where(use_lo, d_lo, d_hi)
                 if SURROGATE:
                     value = tl.where(use_lo, sur_lo, sur_hi)
-                tl.store(ROW_VALUES + row, value * t_squared * weight)
+                tl.store(ROW_VALUES + row, value.to(tl.float32) * t_squared * weight)
                 # c: the gradient, scaled by T and the reduction's row weight
                 if COMPUTE_GRAD:
                     scale = weight * temperature
@@ -186,7 +187,7 @@ if triton is not None:
                     else:
                         grad_topk = _bin_gradient(lq, lp, stat_hi, alpha_hi, log_clip, BRANCH_HI)
                         grad_tail = _bin_gradient(lq_tail, lp_tail, stat_hi, alpha_hi, log_clip, BRANCH_HI)
-                    tail_factor = tl.where(has_tail, grad_tail / z_tail, 0.0) * scale
+                    tail_factor = tl.where(has_tail, grad_tail.to(tl.float32) / z_tail, 0.0) * scale
                     for start in range(0, C, BLOCK):
                         cols = start + offsets
                         valid = cols < C
@@ -194,7 +195,9 @@ if triton is not None:
                                                           WORDS, inv_t)
                         grad = tl.where(has_tail, tl.exp(x_tail - max_tail), 0.0) * tail_factor
                         tl.store(G + row * C + cols, grad.to(G.dtype.element_ty), mask=valid & ~in_topk)
-                    tl.store(G + row * C + j, (grad_topk * scale).to(G.dtype.element_ty), mask=in_range)
+                    # without a tail class the tail bin's gradient stays with the k classes (sparse math header)
+                    grad_topk += tl.where(has_tail, 0.0, tl.exp(lq) * grad_tail)
+                    tl.store(G + row * C + j, (grad_topk.to(tl.float32) * scale).to(G.dtype.element_ty), mask=in_range)
         else:
             tl.store(ROW_VALUES + row, 0.0)
             if COMPUTE_GRAD:

@@ -14,8 +14,10 @@
 // and the surrogate -sum rho_b q_b lq_b as the dense op's. The gradient wrt a student logit j is
 // G_b(j) q_j / q_b(j): for j in I that is G_b itself; for j outside I it is G_tail q_j / q_tail, computed
 // as G_tail exp(x_j - m_tail) / Z_tail with m_tail, Z_tail the max and sum over the tail's classes
-// (finite however small the tail's mass). Terms of a bin with q = 0 (alpha branches) or p = 0
-// (forward KL) are 0.
+// (finite however small the tail's mass). When no class outside I has student mass (q_tail = 0), log q_tail
+// is a constant and the tail's G (forward KL: -p_tail; 0 on the alpha branches) stays with the k classes:
+// G_b - q_b sum_I G = G_b + q_b G_tail, as the bins' gradients sum to 0. Terms of a bin with q = 0 (alpha
+// branches) or p = 0 (forward KL) are 0.
 #pragma once
 
 #include <cmath>

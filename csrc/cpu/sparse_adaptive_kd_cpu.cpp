@@ -157,14 +157,18 @@ void sparse_kd_rows(const at::Tensor& student, const at::Tensor& indices, const 
         return row_grad_scale * sparse_kd::bin_gradient(chosen.branch, chosen.alpha, log_clip, chosen.statistic,
                                                         lq[b], lp[b]);
       };
+      const double tail_gradient = gradient_of(k);
       if (has_tail) {
-        const Vec tail_factor(acc_t(gradient_of(k) / z_tail));
+        const Vec tail_factor(acc_t(tail_gradient / z_tail));
         acc_t* es = e.data();
         for (int64_t i = 0; i < padded_cols; i += Vec::size()) (Vec::loadu(es + i) * tail_factor).store(es + i);
       } else {
         std::fill(e.begin(), e.end(), acc_t(0));
       }
-      for (int64_t b = 0; b < k; ++b) e[classes[b]] = acc_t(gradient_of(b));
+      // Without a tail class the tail's log q is a constant (-inf) and its bin gradient (forward KL: -p_tail)
+      // stays with the k classes: G_b - q_b sum_I G = G_b + q_b G_tail (the bins' gradients sum to 0).
+      const double spill = has_tail ? 0.0 : tail_gradient;
+      for (int64_t b = 0; b < k; ++b) e[classes[b]] = acc_t(gradient_of(b) + std::exp(lq[b]) * spill);
       write_gradient_row(e.data(), g_row, cols);
     }
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
