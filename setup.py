@@ -104,7 +104,8 @@ def cuda_extensions():
     print(f"alphadiv_kernels: building CUDA kernels with {CUDA_HOME} for {os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     return [CUDAExtension(
         name="alphadiv_kernels._C_cuda",
-        sources=["csrc/cuda/python_module.cpp", "csrc/cuda/adaptive_kd_cuda.cu"],
+        sources=["csrc/cuda/python_module.cpp", "csrc/cuda/adaptive_kd_cuda.cu",
+                 "csrc/cuda/sparse_adaptive_kd_cuda.cu"],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )]
 

@@ -1,6 +1,6 @@
 """Fused adaptive alpha-divergence knowledge distillation (AlphaNet, ICML 2021) for PyTorch."""
 from .adaptive_kd import available_backends, fused_adaptive_kd, symmetric_kl
-from .fused_linear import FusedLinearAdaptiveKDLoss, fused_linear_adaptive_kd
+from .fused_linear import FusedLinearAdaptiveKDLoss, fused_linear_adaptive_kd, fused_linear_sparse_adaptive_kd
 from .loss import AdaptiveKDLoss
 from .reference import (adaptive_kd_reference, alphanet_adaptive_loss_soft, sparse_adaptive_kd_reference,
                         symmetric_kl_reference)
@@ -15,6 +15,7 @@ __all__ = [
     "available_backends",
     "fused_adaptive_kd",
     "fused_linear_adaptive_kd",
+    "fused_linear_sparse_adaptive_kd",
     "fused_sparse_adaptive_kd",
     "sparse_adaptive_kd_reference",
     "symmetric_kl",

@@ -14,6 +14,8 @@ rows at the end (a device scalar: no host synchronisation). The teacher is never
 `reduction="none"` returns a value per row, and its backward, which gets a weight per row, recomputes
 each chunk's logits instead (the weight gradient sums rows with their weights, so it cannot be scaled
 afterwards). Heads of different row counts are compared on their shared rows (`vocabulary.py`).
+`fused_linear_sparse_adaptive_kd` is the same loop with a teacher given as its top-k log-probabilities per
+row (a cache, or a live teacher's top-k): only the student's head is projected.
 
 Chunk size (rows), unless given: every method holds the float32 weight gradient (V x H x 4 bytes);
 the chunk's three `[chunk, V]` temporaries (student logits, teacher logits, their gradient, of
@@ -33,8 +35,9 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._validation import check_backend, check_loss_parameters
+from ._validation import check_backend, check_loss_parameters, check_sparse_teacher_shapes
 from .adaptive_kd import _graph_is_retained, fused_adaptive_kd
+from .sparse import fused_sparse_adaptive_kd
 from .diagnostics import KDStats, adaptive_kd_stats
 from .vocabulary import shared_vocabulary
 
@@ -94,14 +97,47 @@ def _leading_rows(tensor: Optional[torch.Tensor], rows: int) -> Optional[torch.T
     return tensor if tensor is None or tensor.shape[0] == rows else tensor[:rows]
 
 
-class _Chunks:
-    """The chunk loop both autograd functions share: the logits of one chunk on the shared rows, and the
-    gradients of the student's input, weight and bias from the chunk's logit gradient."""
+class _DenseTeacher:
+    """A teacher given by its hidden states and output projection: the chunk's logits, projected on its device."""
 
-    def __init__(self, x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size, needs):
-        self.x, self.teacher_x, self.mask, self.chunk_size = x, teacher_x, mask, chunk_size
+    def __init__(self, x, weight, bias):
+        self.x, self.weight, self.bias = x, weight, bias  # the weight and bias already cut to the shared rows
+        self.dtype = x.dtype
+
+    def chunk(self, rows: slice, device) -> tuple:
+        logits = torch.nn.functional.linear(self.x[rows], self.weight, self.bias)
+        return (logits.to(device, non_blocking=True),)  # a teacher on another device projects there
+
+    @staticmethod
+    def loss(logits, teacher, **kwargs):
+        return fused_adaptive_kd(logits, *teacher, **kwargs)
+
+    @staticmethod
+    def stats(logits, teacher, mask, loss_args):
+        return adaptive_kd_stats(logits, *teacher, mask=mask, **{k: v for k, v in loss_args.items() if k != "backend"})
+
+
+class _SparseTeacher:
+    """A teacher given by its top-k classes and log-probabilities per row (`fused_sparse_adaptive_kd`)."""
+
+    def __init__(self, indices, logprobs):
+        self.indices, self.logprobs, self.dtype = indices, logprobs, logprobs.dtype
+
+    def chunk(self, rows: slice, device) -> tuple:
+        return self.indices[rows].to(device, non_blocking=True), self.logprobs[rows].to(device, non_blocking=True)
+
+    @staticmethod
+    def loss(logits, teacher, **kwargs):
+        return fused_sparse_adaptive_kd(logits, *teacher, **kwargs)
+
+
+class _Chunks:
+    """The chunk loop both autograd functions share: the student's logits of one chunk on the shared rows with the
+    teacher's chunk, and the gradients of the student's input, weight and bias from the chunk's logit gradient."""
+
+    def __init__(self, x, weight, bias, teacher, mask, vocab, chunk_size, needs):
+        self.x, self.teacher, self.mask, self.chunk_size = x, teacher, mask, chunk_size
         self.weight, self.bias = _leading_rows(weight, vocab), _leading_rows(bias, vocab)
-        self.teacher_weight, self.teacher_bias = teacher_weight, teacher_bias  # already the shared rows
         need_x, need_w, need_b = needs[0], needs[1], bias is not None and needs[2]
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
         self.accumulate = accumulate
@@ -112,13 +148,11 @@ class _Chunks:
         self.need_grad = need_x or need_w or need_b
 
     def __iter__(self):
-        """(rows, student logits, teacher logits, mask) per chunk."""
+        """(rows, student logits, the teacher's chunk, mask) per chunk."""
         for start in range(0, self.x.shape[0], self.chunk_size):
             rows = slice(start, min(start + self.chunk_size, self.x.shape[0]))
             logits = torch.nn.functional.linear(self.x[rows], self.weight, self.bias)
-            teacher = torch.nn.functional.linear(self.teacher_x[rows], self.teacher_weight, self.teacher_bias)
-            teacher = teacher.to(logits.device, non_blocking=True)  # a teacher on another device projects there
-            yield rows, logits, teacher, None if self.mask is None else self.mask[rows]
+            yield rows, logits, self.teacher.chunk(rows, logits.device), None if self.mask is None else self.mask[rows]
 
     def add_gradient(self, rows: slice, grad_logits: torch.Tensor) -> None:
         vocab = grad_logits.shape[1]
@@ -150,24 +184,23 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
     """reduction "mean" / "sum": the gradients are complete when the forward returns."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, loss_args, reduction,
-                chunk_size, vocab, with_stats):
-        chunks = _Chunks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size,
-                         ctx.needs_input_grad)
+    def forward(ctx, x, weight, bias, mask, teacher, loss_args, reduction, chunk_size, vocab, with_stats):
+        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, ctx.needs_input_grad)
         total = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
         stats = KDStats.zeros(x.device) if with_stats else None
-        for rows, logits, teacher, chunk_mask in chunks:
+        for rows, logits, teacher_chunk, chunk_mask in chunks:
             if with_stats:
-                stats = stats + adaptive_kd_stats(logits, teacher, mask=chunk_mask, **_stats_args(loss_args))
+                stats = stats + teacher.stats(logits, teacher_chunk, chunk_mask, loss_args)
             if not chunks.need_grad:
-                total += fused_adaptive_kd(logits, teacher, reduction="sum", mask=chunk_mask, **loss_args).to(total.dtype)
+                total += teacher.loss(logits, teacher_chunk, reduction="sum", mask=chunk_mask,
+                                      **loss_args).to(total.dtype)
                 continue
             leaf = logits.requires_grad_(True)
             with torch.enable_grad():
-                loss = fused_adaptive_kd(leaf, teacher, reduction="sum", mask=chunk_mask, **loss_args)
+                loss = teacher.loss(leaf, teacher_chunk, reduction="sum", mask=chunk_mask, **loss_args)
             (grad_logits,) = torch.autograd.grad(loss, leaf)
             total += loss.detach().to(total.dtype)
-            del leaf, logits, teacher, loss  # the loss's graph would keep the student logits alive
+            del leaf, logits, teacher_chunk, loss  # the loss's graph would keep the student logits alive
             chunks.add_gradient(rows, grad_logits)
             del grad_logits
         scale = None
@@ -180,7 +213,7 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
         ctx.grads = chunks.gradients(scale, (x, weight, bias))
         stats_vector = _stats_vector(stats, x.device)
         ctx.mark_non_differentiable(stats_vector)
-        return total.to(torch.promote_types(x.dtype, teacher_x.dtype)), stats_vector
+        return total.to(torch.promote_types(x.dtype, teacher.dtype)), stats_vector
 
     @staticmethod
     def backward(ctx, grad_loss, _stats):
@@ -194,7 +227,7 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             if not (grad_loss.device.type == "cpu" and grad_loss.item() == 1.0):
                 grads = [None if grad is None else grad.mul_(grad_loss) for grad in grads]
-        return (*grads, *(None,) * 9)
+        return (*grads, *(None,) * 7)
 
 
 class _FusedLinearAdaptiveKDRows(torch.autograd.Function):
@@ -202,18 +235,16 @@ class _FusedLinearAdaptiveKDRows(torch.autograd.Function):
     recomputes each chunk's logits and takes their weighted gradient (one more pass of both projections)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, loss_args, chunk_size, vocab,
-                with_stats):
-        chunks = _Chunks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size,
-                         (False, False, False))
-        values = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, teacher_x.dtype), device=x.device)
+    def forward(ctx, x, weight, bias, mask, teacher, loss_args, chunk_size, vocab, with_stats):
+        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, (False, False, False))
+        values = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, teacher.dtype), device=x.device)
         stats = KDStats.zeros(x.device) if with_stats else None
-        for rows, logits, teacher, chunk_mask in chunks:
+        for rows, logits, teacher_chunk, chunk_mask in chunks:
             if with_stats:
-                stats = stats + adaptive_kd_stats(logits, teacher, mask=chunk_mask, **_stats_args(loss_args))
-            values[rows] = fused_adaptive_kd(logits, teacher, reduction="none", mask=chunk_mask, **loss_args)
-        ctx.save_for_backward(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask)
-        ctx.settings = (loss_args, chunk_size, vocab)
+                stats = stats + teacher.stats(logits, teacher_chunk, chunk_mask, loss_args)
+            values[rows] = teacher.loss(logits, teacher_chunk, reduction="none", mask=chunk_mask, **loss_args)
+        ctx.save_for_backward(x, weight, bias, mask)
+        ctx.settings = (teacher, loss_args, chunk_size, vocab)  # the teacher is never differentiated
         stats_vector = _stats_vector(stats, x.device)
         ctx.mark_non_differentiable(stats_vector)
         return values, stats_vector
@@ -222,22 +253,26 @@ class _FusedLinearAdaptiveKDRows(torch.autograd.Function):
     def backward(ctx, grad_values, _stats):
         if torch.is_grad_enabled():
             raise RuntimeError("fused_linear_adaptive_kd has no second derivative (create_graph=True)")
-        x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask = ctx.saved_tensors
-        loss_args, chunk_size, vocab = ctx.settings
-        chunks = _Chunks(x, weight, bias, teacher_x, teacher_weight, teacher_bias, mask, vocab, chunk_size,
-                         ctx.needs_input_grad)
-        for rows, logits, teacher, chunk_mask in chunks:
+        x, weight, bias, mask = ctx.saved_tensors
+        teacher, loss_args, chunk_size, vocab = ctx.settings
+        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, ctx.needs_input_grad)
+        for rows, logits, teacher_chunk, chunk_mask in chunks:
             leaf = logits.requires_grad_(True)
             with torch.enable_grad():
-                values = fused_adaptive_kd(leaf, teacher, reduction="none", mask=chunk_mask, **loss_args)
+                values = teacher.loss(leaf, teacher_chunk, reduction="none", mask=chunk_mask, **loss_args)
             (grad_logits,) = torch.autograd.grad(values, leaf, grad_outputs=grad_values[rows].to(values.dtype))
-            del leaf, logits, teacher, values
+            del leaf, logits, teacher_chunk, values
             chunks.add_gradient(rows, grad_logits)
-        return (*chunks.gradients(None, (x, weight, bias)), *(None,) * 8)
+        return (*chunks.gradients(None, (x, weight, bias)), *(None,) * 6)
 
 
-def _stats_args(loss_args):
-    return {key: value for key, value in loss_args.items() if key != "backend"}
+def _apply(x, weight, bias, mask, teacher, loss_args, reduction, chunk, vocab, with_stats, leading_shape):
+    """The loss (values reshaped to `leading_shape` for "none") and the stats vector."""
+    if reduction == "none":
+        values, stats = _FusedLinearAdaptiveKDRows.apply(x, weight, bias, mask, teacher, loss_args, chunk, vocab,
+                                                         with_stats)
+        return values.reshape(leading_shape), stats
+    return _FusedLinearAdaptiveKD.apply(x, weight, bias, mask, teacher, loss_args, reduction, chunk, vocab, with_stats)
 
 
 def fused_linear_adaptive_kd(
@@ -289,16 +324,72 @@ def fused_linear_adaptive_kd(
     chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], x.element_size())
     loss_args = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
                      temperature=float(temperature), backend=backend)
-    teacher = (_leading_rows(teacher_weight.detach(), vocab),
-               None if teacher_bias is None else _leading_rows(teacher_bias.detach(), vocab))
-    if reduction == "none":
-        values, stats = _FusedLinearAdaptiveKDRows.apply(x, student_weight, student_bias, teacher_x, *teacher,
-                                                         flat_mask, loss_args, chunk, vocab, return_stats)
-        values = values.reshape(student_input.shape[:-1])
-    else:
-        values, stats = _FusedLinearAdaptiveKD.apply(x, student_weight, student_bias, teacher_x, *teacher, flat_mask,
-                                                     loss_args, reduction, chunk, vocab, return_stats)
+    teacher = _DenseTeacher(teacher_x, _leading_rows(teacher_weight.detach(), vocab),
+                            None if teacher_bias is None else _leading_rows(teacher_bias.detach(), vocab))
+    values, stats = _apply(x, student_weight, student_bias, flat_mask, teacher, loss_args, reduction, chunk, vocab,
+                           return_stats, student_input.shape[:-1])
     return (values, KDStats(*stats.unbind())) if return_stats else values
+
+
+def fused_linear_sparse_adaptive_kd(
+    student_input: torch.Tensor,
+    student_weight: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    student_bias: Optional[torch.Tensor] = None,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    clip: float = 5.0,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+    mask: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    tokenizer_size: Optional[int] = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``fused_sparse_adaptive_kd(student_input @ student_weight.T + student_bias, topk_indices, topk_logprobs)``
+    chunk by chunk, without the ``[N, V]`` logits: the teacher is its top-k classes and log-probabilities per
+    row (a cache made by ``alphadiv-cache-teacher``, or a live teacher's ``topk``).
+
+    Args:
+        student_input, student_weight, student_bias: as :func:`fused_linear_adaptive_kd`.
+        topk_indices, topk_logprobs: ``[..., k]`` (int32 / int64, and floating), rows as ``student_input``'s;
+            any device (each chunk is copied to the student's).
+        vocab_size: the student's rows the softmax covers (default all of them; a padded head's extra rows
+            are cut by giving the shared size, e.g. the teacher's row count from the cache's manifest); every
+            index must be below it. ``tokenizer_size`` checks that it covers the tokenizer.
+        reduction, mask, chunk_size, alpha_min, alpha_max, clip, temperature, backend: as
+            :func:`fused_linear_adaptive_kd` (the temperature divides the student's logits; the cached
+            log-probabilities are used as given).
+    """
+    if not isinstance(student_weight, torch.Tensor) or student_weight.dim() != 2:
+        raise ValueError("student_weight must be a [V, H] matrix")
+    check_sparse_teacher_shapes(student_input, topk_indices, topk_logprobs,
+                                names=("student_input", "topk_indices", "topk_logprobs"))
+    if student_input.shape[-1] != student_weight.shape[1]:
+        raise ValueError(f"student_input's last dimension ({student_input.shape[-1]}) must equal student_weight's "
+                         f"hidden size ({student_weight.shape[1]})")
+    if student_bias is not None and (not isinstance(student_bias, torch.Tensor)
+                                     or student_bias.shape != student_weight.shape[:1]):
+        raise ValueError(f"student_bias must be a [{student_weight.shape[0]}] tensor")
+    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                             or mask.shape != student_input.shape[:-1]):
+        raise ValueError(f"mask must be a bool tensor of shape {list(student_input.shape[:-1])}")
+    _check_settings(alpha_min, alpha_max, clip, temperature, reduction, chunk_size, backend)
+    rows = student_weight.shape[0]
+    vocab = shared_vocabulary(rows, rows, vocab_size, tokenizer_size)
+    x = student_input.reshape(-1, student_input.shape[-1])
+    k = topk_indices.shape[-1]
+    teacher = _SparseTeacher(topk_indices.reshape(-1, k), topk_logprobs.detach().reshape(-1, k))
+    chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], x.element_size())
+    loss_args = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
+                     temperature=float(temperature), backend=backend)
+    flat_mask = None if mask is None else mask.reshape(-1)
+    values, _ = _apply(x, student_weight, student_bias, flat_mask, teacher, loss_args, reduction, chunk, vocab, False,
+                       student_input.shape[:-1])
+    return values
 
 
 class FusedLinearAdaptiveKDLoss(nn.Module):

@@ -235,3 +235,66 @@ def test_a_frozen_head_gets_no_gradient_and_no_weight_gradient_buffer(gen):
         ak.fused_linear_adaptive_kd(x, weight, problem["teacher_input"], problem["teacher_weight"],
                                     chunk_size=8).backward()
     assert max(event.cpu_memory_usage for event in profile.events()) >= vocab * hidden * 4
+
+
+# ---------------------------------------------------------------------------------------------
+# The sparse teacher through the student's head
+
+
+def _sparse_case(gen, rows=40, hidden=16, vocab=50, k=7, dtype=torch.float64):
+    x = torch.randn(rows, hidden, generator=gen, dtype=dtype)
+    weight = torch.randn(vocab, hidden, generator=gen, dtype=dtype) * 0.5
+    bias = torch.randn(vocab, generator=gen, dtype=dtype)
+    teacher = torch.randn(rows, vocab, generator=gen, dtype=torch.float64) * 2
+    lp = torch.log_softmax(teacher, -1)
+    indices = lp.topk(k, -1).indices
+    return x, weight, bias, indices, lp.gather(1, indices).to(dtype)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("padded", [0, 6])
+def test_sparse_teacher_through_the_head_equals_the_unfused_computation(reduction, padded, gen):
+    x, weight, bias, indices, logprobs = _sparse_case(gen)
+    mask = torch.rand(40, generator=gen) < 0.7
+    head = torch.cat([weight, torch.randn(padded, 16, generator=gen, dtype=weight.dtype)])  # padded rows past V
+    head_bias = torch.cat([bias, torch.randn(padded, generator=gen, dtype=bias.dtype)])
+    params = [tensor.clone().requires_grad_(True) for tensor in (x, head, head_bias)]
+    kwargs = dict(alpha_min=-1.0, alpha_max=0.5, temperature=1.5, reduction=reduction, mask=mask)
+    value = ak.fused_linear_sparse_adaptive_kd(params[0], params[1], indices, logprobs, student_bias=params[2],
+                                               chunk_size=16, vocab_size=50, **kwargs)
+    weights = torch.rand(value.shape, generator=gen, dtype=value.dtype) if reduction == "none" else 1.0
+    grads = torch.autograd.grad((value * weights).sum(), params)
+    unfused = [tensor.clone().requires_grad_(True) for tensor in (x, head, head_bias)]
+    logits = unfused[0] @ unfused[1][:50].T + unfused[2][:50]
+    expected = ak.sparse_adaptive_kd_reference(logits, indices, logprobs, **kwargs)
+    expected_grads = torch.autograd.grad((expected * weights).sum(), unfused)
+    torch.testing.assert_close(value, expected)
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+    assert bool((grads[1][50:] == 0).all()) and bool((grads[2][50:] == 0).all())
+
+
+def test_sparse_teacher_through_the_head_in_fp32_and_int32_indices(gen):
+    x, weight, bias, indices, logprobs = _sparse_case(gen, dtype=torch.float32, k=12)
+    xs = x.clone().requires_grad_(True)
+    ws = weight.clone().requires_grad_(True)
+    value = ak.fused_linear_sparse_adaptive_kd(xs, ws, indices.int(), logprobs, chunk_size=8)
+    value.backward()
+    x64, w64 = x.double().requires_grad_(True), weight.double().requires_grad_(True)
+    expected = ak.sparse_adaptive_kd_reference(x64 @ w64.T, indices, logprobs.double())
+    expected.backward()
+    torch.testing.assert_close(value.double(), expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(xs.grad.double(), x64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(ws.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sparse_teacher_through_the_head_bad_calls_are_one_line(gen):
+    x, weight, bias, indices, logprobs = _sparse_case(gen)
+    with pytest.raises(ValueError, match="leading shape"):
+        ak.fused_linear_sparse_adaptive_kd(x[:3], weight, indices, logprobs)
+    with pytest.raises(ValueError, match="vocab_size"):
+        ak.fused_linear_sparse_adaptive_kd(x, weight, indices, logprobs, vocab_size=51)
+    with pytest.raises(ValueError, match="do not share a vocabulary"):
+        ak.fused_linear_sparse_adaptive_kd(x, weight, indices, logprobs, tokenizer_size=60)
+    with pytest.raises(ValueError, match="is not a class"):
+        ak.fused_linear_sparse_adaptive_kd(x, weight, indices, logprobs, vocab_size=10)

@@ -174,3 +174,10 @@ T __shfl_xor_sync(unsigned int /*mask*/, T value, int lane_mask) {
   cuda_emulation::wait(barrier);
   return other;
 }
+
+// Atomics: a fiber runs until it waits at a barrier, so a read-modify-write is never interleaved.
+inline unsigned int atomicOr(unsigned int* address, unsigned int value) {
+  const unsigned int old = *address;
+  *address = old | value;
+  return old;
+}
