@@ -100,6 +100,31 @@ class SparseAdaptiveKDLoss(torch.nn.Module):
         return ", ".join(f"{key}={value!r}" for key, value in self.settings.items())
 
 
+@torch.no_grad()
+def teacher_topk(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *, k: int,
+                 temperature: float = 1.0, vocab_size: Optional[int] = None, chunk_size: int = 1024,
+                 logprob_dtype: torch.dtype = torch.float32):
+    """A teacher's top-k classes and log-probabilities at `temperature` from its final hidden states ``[..., H]``
+    and output projection ``[V, H]``, one chunk of rows at a time (the ``[chunk, V]`` logits exist one chunk at a
+    time). The softmax runs over the first `vocab_size` rows (default all): a padded head's extra rows never
+    enter. Returns int32 indices and `logprob_dtype` log-probabilities, ``[..., k]``, descending; what
+    `alphadiv-cache-teacher` stores and ``teacher_topk=k`` distills from."""
+    vocab = weight.shape[0] if vocab_size is None else vocab_size
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= vocab:
+        raise ValueError(f"k must be a whole number in [1, {vocab}] (the teacher's classes), got {k!r}")
+    check_loss_parameters(-1.0, 1.0, 1.0, temperature)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    indices = torch.empty(flat.shape[0], k, dtype=torch.int32, device=flat.device)
+    logprobs = torch.empty(flat.shape[0], k, dtype=logprob_dtype, device=flat.device)
+    weight, bias = weight[:vocab], None if bias is None else bias[:vocab]
+    for start in range(0, flat.shape[0], chunk_size):
+        rows = slice(start, start + chunk_size)
+        logits = torch.nn.functional.linear(flat[rows], weight, bias).float() / temperature
+        top = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        indices[rows], logprobs[rows] = top.indices, top.values
+    return indices.reshape(*hidden.shape[:-1], k), logprobs.reshape(*hidden.shape[:-1], k)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.library glue, shared by alphadiv::sparse_adaptive_kd (C++: CPU, and CUDA where built) and
 # alphadiv::sparse_adaptive_kd_triton.

@@ -42,9 +42,11 @@ import transformers
 
 from .._validation import check_loss_parameters
 from ..diagnostics import KDStats
-from ..fused_linear import fused_linear_adaptive_kd
+from ..fused_linear import fused_linear_adaptive_kd, fused_linear_sparse_adaptive_kd
+from ..sparse import teacher_topk as teacher_topk_of
 from ..vocabulary import shared_vocabulary
 from .sharding import as_one_forward, frozen_head, full_rows, with_trainable_head
+from .teacher_cache import TeacherCache, TeacherCacheCollator
 
 IGNORE_INDEX = -100
 LABEL_KEYS = ("labels", "shift_labels")
@@ -186,60 +188,14 @@ def _device_of(model: nn.Module) -> Optional[torch.device]:
     return None if parameter is None else parameter.device
 
 
-def causal_lm_adaptive_kd(
-    student: nn.Module,
-    teacher: nn.Module,
-    inputs: Mapping[str, Any],
-    *,
-    num_items_in_batch: Optional[torch.Tensor | int] = None,
-    temperature: float = 1.0,
-    ce_weight: float = 0.0,
-    alpha_min: float = -1.0,
-    alpha_max: float = 1.0,
-    clip: float = 5.0,
-    chunk_size: Optional[int] = None,
-    vocab_size: Optional[int] = None,
-    tokenizer: Any = None,
-    per_token: bool = False,
-    return_stats: bool = False,
-) -> DistillationLoss:
-    """The adaptive alpha-divergence distillation loss of a causal LM batch (see the module doc).
-
-    Args:
-        student: the student causal LM, or the wrapper around it (DDP, FSDP2, a PEFT model): its forward is
-            called as given.
-        teacher: the frozen teacher causal LM, same tokenizer, run under no_grad; it may sit on another device or
-            in another dtype (the batch is copied to it, each chunk of its logits back to the student's device).
-        inputs: the batch (`input_ids`, `attention_mask`, `labels` with -100 on prompt and padding, ...).
-        num_items_in_batch: the number of distilled positions the loss is normalised by (all micro-batches of
-            the optimizer step); default: this batch's.
-        temperature: KD temperature (default 1.0): logits are divided by it, the KD term multiplied by its square.
-        ce_weight: weight of the hard-label cross-entropy added to the KD term (default 0.0: distillation only).
-        alpha_min, alpha_max, clip: the adaptive divergence's range and gradient clip (AlphaNet: -1, 1, 5).
-        chunk_size: rows per chunk of the fused projection (default: chosen from the sizes).
-        vocab_size: rows of the two heads compared (default: the smaller head's; see `alphadiv_kernels.vocabulary`).
-        tokenizer: when given, the pair is refused unless the shared rows cover ``len(tokenizer)``.
-        per_token: also return the ``[batch, seq]`` values (KD + ce_weight * CE per position, unnormalised).
-        return_stats: also return the loss's diagnostics (`KDStats`: alpha_min branch and clip shares).
-    """
-    check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size)
-    positions = distilled_positions(inputs)
-    vocab = check_vocabularies(student, teacher, vocab_size, tokenizer)
-    teacher_device = _device_of(teacher)
-    teacher_inputs = inputs if teacher_device in (None, positions.device) else _to_device(inputs, teacher_device)
-    with torch.no_grad():
-        teacher_hidden, _ = final_hidden_states(teacher, teacher_inputs)
+def _distill(student: nn.Module, inputs: Mapping[str, Any], positions: torch.Tensor, kd_through_head, *,
+             num_items_in_batch, ce_weight: float, per_token: bool) -> DistillationLoss:
+    """The student's forward and loss, given `kd_through_head(hidden, head)` -> (kd values, stats): the KD term
+    through the student's head (run as the head's forward, see sharding.py), the CE term, the normalisation."""
     targets = next_token_targets(inputs).masked_fill(~positions, IGNORE_INDEX) if ce_weight > 0 else None
 
     def project(head: nn.Linear, hidden: torch.Tensor):
-        """KD (and CE) through the student's head, whole here; the teacher's gathered around it."""
-        with frozen_head(unwrap(teacher), output_projection(unwrap(teacher), "teacher"), keep=per_token) as frozen:
-            kd = fused_linear_adaptive_kd(
-                hidden, head.weight, teacher_hidden, frozen[0], student_bias=head.bias, teacher_bias=frozen[1],
-                alpha_min=alpha_min, alpha_max=alpha_max, clip=clip, temperature=temperature,
-                reduction="none" if per_token else "sum", mask=positions, chunk_size=chunk_size, vocab_size=vocab,
-                return_stats=return_stats)
-        kd, stats = kd if return_stats else (kd, None)
+        kd, stats = kd_through_head(hidden, head)
         ce = None if targets is None else chunked_cross_entropy(hidden, head, targets)
         return kd, ce, stats
 
@@ -261,6 +217,118 @@ def causal_lm_adaptive_kd(
                             outputs, stats, values if per_token else None)
 
 
+def _sparse_kd_through_head(indices, logprobs, positions, vocab, per_token, settings):
+    def kd_through_head(hidden: torch.Tensor, head: nn.Linear):
+        kd = fused_linear_sparse_adaptive_kd(
+            hidden, head.weight, indices.to(hidden.device), logprobs.to(hidden.device), student_bias=head.bias,
+            reduction="none" if per_token else "sum", mask=positions, vocab_size=vocab, **settings)
+        return kd, None
+    return kd_through_head
+
+
+def causal_lm_adaptive_kd(
+    student: nn.Module,
+    teacher: nn.Module,
+    inputs: Mapping[str, Any],
+    *,
+    num_items_in_batch: Optional[torch.Tensor | int] = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    clip: float = 5.0,
+    chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    tokenizer: Any = None,
+    per_token: bool = False,
+    return_stats: bool = False,
+    teacher_topk: Optional[int] = None,
+) -> DistillationLoss:
+    """The adaptive alpha-divergence distillation loss of a causal LM batch (see the module doc).
+
+    Args:
+        student: the student causal LM, or the wrapper around it (DDP, FSDP2, a PEFT model): its forward is
+            called as given.
+        teacher: the frozen teacher causal LM, same tokenizer, run under no_grad; it may sit on another device or
+            in another dtype (the batch is copied to it, each chunk of its logits back to the student's device).
+        inputs: the batch (`input_ids`, `attention_mask`, `labels` with -100 on prompt and padding, ...).
+        num_items_in_batch: the number of distilled positions the loss is normalised by (all micro-batches of
+            the optimizer step); default: this batch's.
+        temperature: KD temperature (default 1.0): logits are divided by it, the KD term multiplied by its square.
+        ce_weight: weight of the hard-label cross-entropy added to the KD term (default 0.0: distillation only).
+        alpha_min, alpha_max, clip: the adaptive divergence's range and gradient clip (AlphaNet: -1, 1, 5).
+        chunk_size: rows per chunk of the fused projection (default: chosen from the sizes).
+        vocab_size: rows of the two heads compared (default: the smaller head's; see `alphadiv_kernels.vocabulary`).
+        tokenizer: when given, the pair is refused unless the shared rows cover ``len(tokenizer)``.
+        per_token: also return the ``[batch, seq]`` values (KD + ce_weight * CE per position, unnormalised).
+        return_stats: also return the loss's diagnostics (`KDStats`: alpha_min branch and clip shares; dense
+            teacher only).
+        teacher_topk: distill from the teacher's top-k log-probabilities (``sparse.teacher_topk``, its logits one
+            chunk at a time) instead of its full distribution: what a cache made by ``alphadiv-cache-teacher``
+            holds, computed live.
+    """
+    check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size)
+    positions = distilled_positions(inputs)
+    vocab = check_vocabularies(student, teacher, vocab_size, tokenizer)
+    teacher_device = _device_of(teacher)
+    teacher_inputs = inputs if teacher_device in (None, positions.device) else _to_device(inputs, teacher_device)
+    with torch.no_grad():
+        teacher_hidden, _ = final_hidden_states(teacher, teacher_inputs)
+    teacher_head = output_projection(unwrap(teacher), "teacher")
+    settings = dict(alpha_min=alpha_min, alpha_max=alpha_max, clip=clip, temperature=temperature, chunk_size=chunk_size)
+    if teacher_topk is not None:
+        with frozen_head(unwrap(teacher), teacher_head, keep=False) as frozen:
+            indices, logprobs = teacher_topk_of(teacher_hidden, frozen[0], frozen[1], k=teacher_topk,
+                                                temperature=temperature, vocab_size=vocab)
+        kd_through_head = _sparse_kd_through_head(indices, logprobs, positions, vocab, per_token, settings)
+    else:
+        def kd_through_head(hidden: torch.Tensor, head: nn.Linear):
+            """KD through the student's head, whole here; the teacher's gathered around it."""
+            with frozen_head(unwrap(teacher), teacher_head, keep=per_token) as frozen:
+                kd = fused_linear_adaptive_kd(
+                    hidden, head.weight, teacher_hidden, frozen[0], student_bias=head.bias, teacher_bias=frozen[1],
+                    reduction="none" if per_token else "sum", mask=positions, vocab_size=vocab,
+                    return_stats=return_stats, **settings)
+            return kd if return_stats else (kd, None)
+    return _distill(student, inputs, positions, kd_through_head, num_items_in_batch=num_items_in_batch,
+                    ce_weight=ce_weight, per_token=per_token)
+
+
+def causal_lm_sparse_adaptive_kd(
+    student: nn.Module,
+    inputs: Mapping[str, Any],
+    topk_indices: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    *,
+    teacher_vocab_size: int,
+    num_items_in_batch: Optional[torch.Tensor | int] = None,
+    temperature: float = 1.0,
+    ce_weight: float = 0.0,
+    alpha_min: float = -1.0,
+    alpha_max: float = 1.0,
+    clip: float = 5.0,
+    chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    tokenizer: Any = None,
+    per_token: bool = False,
+) -> DistillationLoss:
+    """:func:`causal_lm_adaptive_kd` against a teacher given as ``[batch, seq, k]`` top-k indices and
+    log-probabilities (a cache; `teacher_vocab_size` the rows its softmax covered), no teacher model. The
+    log-probabilities are used as given (at the temperature they were made with); `temperature` divides the
+    student's logits and multiplies the KD term by its square."""
+    check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size)
+    positions = distilled_positions(inputs)
+    if topk_indices.shape[:2] != positions.shape:
+        raise ValueError(f"the teacher's top-k rows {list(topk_indices.shape[:2])} do not match the batch's tokens "
+                         f"{list(positions.shape)}")
+    student_rows = full_rows(output_projection(unwrap(student), "student").weight)
+    vocab = shared_vocabulary(student_rows, teacher_vocab_size, vocab_size, tokenizer_size(tokenizer))
+    settings = dict(alpha_min=alpha_min, alpha_max=alpha_max, clip=clip, temperature=temperature, chunk_size=chunk_size)
+    kd_through_head = _sparse_kd_through_head(topk_indices, topk_logprobs, positions, vocab, per_token, settings)
+    return _distill(student, inputs, positions, kd_through_head, num_items_in_batch=num_items_in_batch,
+                    ce_weight=ce_weight, per_token=per_token)
+
+
 class AdaptiveKDTrainer(transformers.Trainer):
     """`transformers.Trainer` that distills `teacher_model` into `model` with :func:`causal_lm_adaptive_kd`.
 
@@ -276,9 +344,19 @@ class AdaptiveKDTrainer(transformers.Trainer):
     took the alpha_min branch, and `kd_clip_share`, the share of (token, class) weights the clip bounded. All are
     summed on the device and read only when the Trainer logs (one all-reduce per log under several processes).
 
+    A teacher may also be a cache of its top-k log-probabilities (`teacher_cache`, made by
+    `alphadiv-cache-teacher`; no teacher model is loaded): the data collator is wrapped to attach each example's
+    cached rows (`TeacherCacheCollator`), and the loss is `causal_lm_sparse_adaptive_kd`, with the same masks,
+    normalisation and `kd_loss` / `ce_loss` logs (the diagnostics are logged for a dense teacher only). A live
+    teacher can be distilled from its top-k the same way (`teacher_topk`): equal to training from its cache
+    (float32 log-probabilities) step for step.
+
     Args (besides the Trainer's):
         teacher_model: the teacher causal LM (same tokenizer as the student; heads may differ in padded rows).
-        temperature: KD temperature, default 1.0.
+        teacher_cache: instead of `teacher_model`, a teacher cache folder (or a `TeacherCache`); refused at
+            construction unless every `train_dataset` example is in it and the tokenizers agree.
+        teacher_topk: with `teacher_model`, distill from its top-k log-probabilities per token.
+        temperature: KD temperature, default 1.0 (with a cache: the cache's; another value is refused).
         ce_weight: weight of the hard-label cross-entropy added to the KD term, default 0.0 (distillation only).
         alpha_min, alpha_max, clip: the adaptive divergence's settings, default -1.0, 1.0, 5.0 (AlphaNet).
         vocab_size: rows of the two heads compared (default: the smaller head's); with a `processing_class`
@@ -290,16 +368,41 @@ class AdaptiveKDTrainer(transformers.Trainer):
     # The loss is already divided by the tokens of the whole accumulated step (see get_batch_samples).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, teacher_model: nn.Module, temperature: float = 1.0, ce_weight: float = 0.0,
+    def __init__(self, *args, teacher_model: Optional[nn.Module] = None, teacher_cache: Any = None,
+                 teacher_topk: Optional[int] = None, temperature: Optional[float] = None, ce_weight: float = 0.0,
                  alpha_min: float = -1.0, alpha_max: float = 1.0, clip: float = 5.0, vocab_size: Optional[int] = None,
                  teacher_device: Optional[torch.device | str] = None, log_stats: bool = True, **kwargs):
+        if (teacher_model is None) == (teacher_cache is None):
+            raise ValueError("give AdaptiveKDTrainer a teacher_model or a teacher_cache (one of the two)")
+        if teacher_cache is not None and teacher_topk is not None:
+            raise ValueError("teacher_topk is for a live teacher_model; a teacher_cache already holds its top-k")
+        if teacher_topk is not None and (isinstance(teacher_topk, bool) or not isinstance(teacher_topk, int)
+                                         or teacher_topk < 1):
+            raise ValueError(f"teacher_topk must be a whole number >= 1, got {teacher_topk!r}")
+        cache = None
+        if teacher_cache is not None:
+            cache = teacher_cache if isinstance(teacher_cache, TeacherCache) else TeacherCache(str(teacher_cache))
+            if temperature is not None and float(temperature) != cache.temperature:
+                raise ValueError(f"temperature={temperature} but the teacher cache holds log-probabilities at "
+                                 f"temperature {cache.temperature}; leave temperature unset or rebuild the cache")
+            temperature = cache.temperature
+        temperature = 1.0 if temperature is None else temperature
         check_settings(temperature, ce_weight, alpha_min, alpha_max, clip, vocab_size)
         super().__init__(*args, **kwargs)
-        check_vocabularies(self.model, teacher_model, vocab_size, self.processing_class)
-        self.teacher_model = teacher_model.to(teacher_device or self.args.device).eval().requires_grad_(False)
+        self.teacher_cache, self.teacher_model = cache, None
+        if cache is not None:
+            shared_vocabulary(full_rows(output_projection(unwrap(self.model), "student").weight), cache.vocab_size,
+                              vocab_size, tokenizer_size(self.processing_class))
+            if self.train_dataset is not None:
+                cache.check_dataset(self.train_dataset, self.processing_class)
+            self.data_collator = TeacherCacheCollator(cache, self.data_collator)
+        else:
+            check_vocabularies(self.model, teacher_model, vocab_size, self.processing_class)
+            self.teacher_model = teacher_model.to(teacher_device or self.args.device).eval().requires_grad_(False)
         self.loss_settings: Dict[str, Any] = dict(temperature=temperature, ce_weight=ce_weight, alpha_min=alpha_min,
                                                   alpha_max=alpha_max, clip=clip, vocab_size=vocab_size,
                                                   tokenizer=self.processing_class)
+        self.teacher_topk = teacher_topk
         self.log_stats = log_stats
         self.logged_sums: Dict[str, torch.Tensor] = {}  # kd, ce, tokens and the diagnostics since the last log
 
@@ -321,8 +424,15 @@ class AdaptiveKDTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         training = self.model.training
-        result = causal_lm_adaptive_kd(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
-                                       return_stats=training and self.log_stats, **self.loss_settings)
+        if self.teacher_cache is not None:
+            inputs = dict(inputs)
+            indices, logprobs = inputs.pop("teacher_topk_indices"), inputs.pop("teacher_topk_logprobs")
+            result = causal_lm_sparse_adaptive_kd(model, inputs, indices, logprobs, num_items_in_batch=num_items_in_batch,
+                                                  teacher_vocab_size=self.teacher_cache.vocab_size, **self.loss_settings)
+        else:
+            result = causal_lm_adaptive_kd(model, self.teacher_model, inputs, num_items_in_batch=num_items_in_batch,
+                                           return_stats=training and self.log_stats and self.teacher_topk is None,
+                                           teacher_topk=self.teacher_topk, **self.loss_settings)
         if training:
             sums = dict(kd=result.kd_sum, ce=result.ce_sum, tokens=result.distilled)
             if result.stats is not None:
