@@ -43,6 +43,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     parser.add_argument("--linear-shapes", nargs="+", default=None,
                         help="tokens x hidden x vocab (NxHxV) shapes of the lm suite (default: 512x256x8000 on CPU; "
                              "4096x1024x32000 and 8192x2048x128256 on CUDA)")
+    parser.add_argument("--topk", type=int, nargs="*", default=None,
+                        help="lm suite: k of the sparse-teacher rows (default 32 128 1024; none: --topk with no value)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="logits dtype (default: float32 on CPU, bfloat16 on CUDA)")
@@ -129,14 +131,18 @@ def run_lm(args, dtype: torch.dtype) -> List[dict]:
 
     print(machine_description(args.device))
     shapes = args.linear_shapes or lm.DEFAULT_LM_SHAPES[args.device]
-    rows = lm.run(shapes, dtype, args.device, min(args.repeats, 5), args.budget, not args.no_memory)
+    topk = lm.DEFAULT_TOPK if args.topk is None else tuple(args.topk)
+    if any(k < 1 for k in topk):
+        raise SystemExit("python -m benchmarks: error: --topk values must be >= 1")
+    rows = lm.run(shapes, dtype, args.device, min(args.repeats, 5), args.budget, not args.no_memory, topk)
     lm.print_table(rows)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir = args.out or os.path.join("results", f"lm-{args.device}-{stamp}")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as handle:
         json.dump({"machine": machine_description(args.device), "rows": rows}, handle, indent=1)
-    print(f"wrote {os.path.join(out_dir, 'results.json')}")
+    lm.plot(rows, os.path.join(out_dir, "lm.png"))
+    print(f"wrote {os.path.join(out_dir, 'results.json')} and lm.png")
     return rows
 
 
