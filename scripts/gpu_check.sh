@@ -18,9 +18,10 @@ timeout 210 "$PYTHON" -m benchmarks --device cuda --shapes 256x1000 4096x16384 8
 echo "== benchmarks (fp32, forward+backward)"
 timeout 45 "$PYTHON" -m benchmarks --device cuda --dtype float32 --shapes 256x1000 --modes fwd+bwd --repeats 10 \
   --budget 3 --out "${OUT:-results}/gpu-check-fp32" 2>&1 | grep -v "^cases" | tail -8
-echo "== lm suite (bf16): projection + loss, materialised logits vs token-chunked torch.compile vs fused-linear"
-timeout 150 "$PYTHON" -m benchmarks --suite lm --device cuda --linear-shapes 8192x2048x128256 --repeats 5 --budget 2 \
-  --out "${OUT:-results}/gpu-check-lm" 2>&1 | tail -6
+echo "== lm suite (bf16): projection + loss, materialised logits vs token-chunked torch.compile vs fused-linear;"
+echo "   a top-k teacher (k = 32, 128, 1024): eager gather + tail vs its torch.compile vs fused_linear_sparse_adaptive_kd"
+timeout 240 "$PYTHON" -m benchmarks --suite lm --device cuda --linear-shapes 8192x2048x128256 --topk 32 128 1024 \
+  --repeats 5 --budget 2 --out "${OUT:-results}/gpu-check-lm" 2>&1 | tail -15
 echo "== supernet on the GPU: a 1-epoch digits run, eval, a short search, fp16 distill and finetune with --device cuda"
 if "$PYTHON" -c "import sklearn, yaml, tqdm, matplotlib, torchvision" 2>/dev/null; then
   run="${OUT:-results}/gpu-check-digits"

@@ -21,3 +21,5 @@ def test_cuda_kernel_is_built_and_registered_for_the_op():
     assert _extension.HAS_CUDA_EXTENSION, _extension.missing_reason("alphadiv_kernels._C_cuda")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("alphadiv::adaptive_kd", "CUDA")
     assert torch._C._dispatch_has_kernel_for_dispatch_key("alphadiv::adaptive_kd", "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("alphadiv::sparse_adaptive_kd", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("alphadiv::sparse_adaptive_kd", "CPU")

@@ -74,3 +74,35 @@ def test_gpu_non_contiguous_compile_and_cuda_graph(backend, gen):
         graph.replay()
         torch.cuda.synchronize()
         torch.testing.assert_close(captured, expected, rtol=1e-6, atol=0)
+
+
+def sparse_on_gpu(backend):
+    """fused_sparse_adaptive_kd on the GPU for CPU inputs (autograd carries the gradient back)."""
+    def fn(student, indices, logprobs, mask=None, **kwargs):
+        value = ak.fused_sparse_adaptive_kd(student.cuda(), indices.cuda(), logprobs.cuda(), backend=backend,
+                                            mask=None if mask is None else mask.cuda(), **kwargs)
+        return value.cpu()
+    return fn
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("kind", LOGIT_KINDS)
+@pytest.mark.parametrize("shape, k", [((7, 37), 37), ((64, 1000), 32), ((5, 32000), 1024), ((3, 128256), 128)],
+                         ids=str)
+def test_gpu_sparse_teacher_matches_float64_reference(backend, shape, k, kind, gen):
+    from test_sparse_op import ALPHA_PAIRS, check_sparse, sparse_teacher
+    student, teacher = make_logits(kind, *shape, gen)
+    indices, logprobs = sparse_teacher(teacher, k, gen, order="random" if k == shape[1] else "top")
+    for alphas in ALPHA_PAIRS[:3]:
+        check_sparse(sparse_on_gpu(backend), student, indices, logprobs, alpha_min=alphas[0], alpha_max=alphas[1],
+                     teacher=teacher)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_sparse_teacher_bad_entries_make_their_row_nan(backend, gen):
+    from test_sparse_op import BAD_TEACHERS, sparse_teacher, sparse_value_and_grad
+    for bad, make_bad in BAD_TEACHERS.items():
+        student, teacher = make_logits("random", 4, 20, gen)
+        indices, logprobs = make_bad(*sparse_teacher(teacher, 4, gen))
+        value, grad = sparse_value_and_grad(sparse_on_gpu(backend), student, indices, logprobs, reduction="none")
+        assert bool(value.isnan().any()) and bool(grad.isnan().any(-1).sum() == 1), bad

@@ -105,7 +105,8 @@ def test_cli_bad_inputs_are_one_line_before_anything_is_written(tmp_path):
     base = ["--model", str(tmp_path / "teacher"), "--data", str(tmp_path / "data.jsonl")]
     cases = [
         (base + ["--out", str(tmp_path / "a"), "--k", "0"], "--k must be >= 1"),
-        (base + ["--out", str(tmp_path / "b"), "--k", "5000"], "k must be a whole number in [1, 2048] (the teacher's classes)"),
+        (base + ["--out", str(tmp_path / "b"), "--k", "5000"],
+         "k must be a whole number in [1, 2048] (the teacher's classes)"),
         (["--model", str(tmp_path / "nowhere"), "--data", str(tmp_path / "data.jsonl"), "--out", str(tmp_path / "c")],
          "--model"),
         (["--model", str(tmp_path / "teacher"), "--data", str(tmp_path / "missing.jsonl"), "--out",
