@@ -3,7 +3,7 @@ full distribution, on generated data, measured against the teacher's full distri
 
     python -m benchmarks.sparse_quality [--steps 300] [--topk 8 64] [--out results/sparse-quality]
 
-Setup (CPU, no download): the teacher is a 2-layer Llama (hidden 96, vocabulary 2048) made peaked by
+Setup (CPU, no download): the teacher is a 2-layer Llama (hidden 64, vocabulary 512) made peaked by
 scaling its head, the data are token sequences it generates itself (sampling at temperature 1), the student
 a 2-layer Llama of hidden 48 trained with AdamW through `AdaptiveKDTrainer`'s loss (`causal_lm_adaptive_kd`,
 `teacher_topk=k` for the sparse runs), same seed and batches for every run. Reported per run, on held-out
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 
-def tiny_llama(hidden: int, seed: int, head_scale: float, vocab: int = 2048):
+def tiny_llama(hidden: int, seed: int, head_scale: float, vocab: int = 512):
     from transformers import LlamaConfig, LlamaForCausalLM
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
@@ -106,17 +106,17 @@ def plot(runs: List[dict], path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.sparse_quality", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--topk", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--sequences", type=int, default=256, help="generated training sequences (of 32 tokens)")
+    parser.add_argument("--sequences", type=int, default=2048, help="generated training sequences (of 32 tokens)")
     parser.add_argument("--out", default=os.path.join("results", "sparse-quality"))
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.batch < 1 or args.sequences < 1 or min(args.topk) < 1 or max(args.topk) > 2048:
+    if args.steps < 1 or args.batch < 1 or args.sequences < 1 or min(args.topk) < 1 or max(args.topk) > 512:
         raise SystemExit("python -m benchmarks.sparse_quality: error: --steps, --batch, --sequences >= 1 and --topk in "
-                         "[1, 2048]")
+                         "[1, 512]")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    teacher = tiny_llama(96, seed=0, head_scale=30.0).eval().requires_grad_(False)
+    teacher = tiny_llama(64, seed=0, head_scale=30.0).eval().requires_grad_(False)
     tokens = generate(teacher, args.sequences + 64, 32, seed=1)
     train, held_out = tokens[:args.sequences], tokens[args.sequences:]
     runs = []
