@@ -83,6 +83,21 @@ def check_op_arguments(student: torch.Tensor, teacher: torch.Tensor, mask: Optio
             raise ValueError(f"mask must have shape [{student.shape[0]}], got {list(mask.shape)}")
 
 
+def flat_row_mask(mask: Optional[torch.Tensor], leading_shape: torch.Size, device: torch.device
+                  ) -> Optional[torch.Tensor]:
+    """A bool mask of the logits' leading shape, on their device, flattened to [N] (None stays None)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor marking the rows that count, got {got}")
+    if mask.shape != leading_shape:
+        raise ValueError(f"mask must have the logits' leading shape {tuple(leading_shape)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the logits' device {device}, got {mask.device}")
+    return mask.reshape(-1)
+
+
 def validate_kd_arguments(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -119,18 +134,7 @@ def validate_kd_arguments(
     check_reduction_and_value(reduction, value)
 
     leading_shape = student_logits.shape[:-1]
-    flat_mask = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask must be a bool tensor marking the rows that count, got {got}")
-        if mask.shape != leading_shape:
-            raise ValueError(
-                f"mask must have the logits' leading shape {tuple(leading_shape)}, got {tuple(mask.shape)}"
-            )
-        if mask.device != student_logits.device:
-            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
-        flat_mask = mask.reshape(-1)
+    flat_mask = flat_row_mask(mask, leading_shape, student_logits.device)
     return KDArguments(
         student=student_logits.reshape(-1, num_classes),
         teacher=teacher_logits.reshape(-1, num_classes),
@@ -194,16 +198,7 @@ def validate_sparse_arguments(student_logits, topk_indices, topk_logprobs, *, al
     check_loss_parameters(alpha_min, alpha_max, clip, temperature)
     check_reduction_and_value(reduction, value)
     leading_shape = student_logits.shape[:-1]
-    flat_mask = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask must be a bool tensor marking the rows that count, got {got}")
-        if mask.shape != leading_shape:
-            raise ValueError(f"mask must have the logits' leading shape {tuple(leading_shape)}, got {tuple(mask.shape)}")
-        if mask.device != student_logits.device:
-            raise ValueError(f"mask must be on the logits' device {student_logits.device}, got {mask.device}")
-        flat_mask = mask.reshape(-1)
+    flat_mask = flat_row_mask(mask, leading_shape, student_logits.device)
     return SparseKDArguments(
         student=student_logits.reshape(-1, num_classes), indices=topk_indices.reshape(-1, k),
         logprobs=topk_logprobs.reshape(-1, k), mask=flat_mask, leading_shape=leading_shape,

@@ -235,23 +235,32 @@ if triton is not None:
         return grad, q * ((w + 1.0) / alpha + 1.0 / (alpha * (alpha - 1.0))), q
 
 
+def launch_outputs(student: torch.Tensor, teacher_dtype: torch.dtype, mask: Optional[torch.Tensor], reduction: int,
+                   compute_grad: bool):
+    """(value dtype, fp32 row values, the gradient, the host row weight, the device row weight or None) of a
+    Triton launch. Every row's value and gradient carry the row weight: 1 / valid rows for a mean (a mean over no
+    rows is 0), else 1, so a reduced loss is one sum; a masked mean's weight stays on the device (no sync)."""
+    rows, cols = student.shape
+    value_dtype = torch.promote_types(student.dtype, teacher_dtype)
+    if value_dtype == torch.float64:
+        raise TypeError("the Triton backend computes in fp32; use backend='cpu' or 'reference' for float64")
+    row_values = torch.empty(rows, device=student.device, dtype=torch.float32)
+    grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
+    row_weight = 1.0 / rows if reduction == REDUCTION_MEAN and rows > 0 else 1.0
+    device_row_weight = None
+    if reduction == REDUCTION_MEAN and mask is not None:
+        device_row_weight = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
+    return value_dtype, row_values, grad, row_weight, device_row_weight
+
+
 def adaptive_kd_triton(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor], alpha_min: float,
                        alpha_max: float, clip: float, temperature: float, reduction: int, surrogate: bool,
                        compute_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """The launcher: same contract and argument checks as the C++ op alphadiv::adaptive_kd ([N, C] inputs)."""
     check_op_arguments(student, teacher, mask, alpha_min, alpha_max, clip, temperature, reduction)
     rows, cols = student.shape
-    value_dtype = torch.promote_types(student.dtype, teacher.dtype)
-    if value_dtype == torch.float64:
-        raise TypeError("the Triton backend computes in fp32; use backend='cpu' or 'reference' for float64")
-    row_values = torch.empty(rows, device=student.device, dtype=torch.float32)
-    grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
-    # Row weight of every row's value and gradient: 1 / valid rows for a mean (a mean over no rows is
-    # 0), else 1, so a reduced loss is one sum. A masked mean's weight stays on the device (no sync).
-    row_weight = 1.0 / rows if reduction == REDUCTION_MEAN and rows > 0 else 1.0
-    device_row_weight = None
-    if reduction == REDUCTION_MEAN and mask is not None:
-        device_row_weight = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
+    value_dtype, row_values, grad, row_weight, device_row_weight = launch_outputs(student, teacher.dtype, mask,
+                                                                                  reduction, compute_grad)
     if rows > 0:
         branch_lo, branch_hi = branch_code(alpha_min), branch_code(alpha_max)
         single_block = cols <= MAX_SINGLE_BLOCK

@@ -24,8 +24,9 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._constants import REDUCTION_MEAN, REDUCTION_NONE, branch_code
+from ._constants import REDUCTION_NONE, branch_code
 from ._validation import check_loss_parameters
+from .triton_adaptive_kd import launch_outputs
 
 try:
     import triton
@@ -162,16 +163,16 @@ if triton is not None:
                 lq = x_bins - row_max - tl.log(z)
                 lq_tail = tl.where(has_tail, max_tail.to(tl.float64) - row_max + tl.log(z_tail.to(tl.float64) / z),
                                    float("-inf"))
-                lp = lp.to(tl.float64)
-                p_tail = tl.maximum(1.0 - tl.sum(tl.where(in_k, tl.exp(lp), 0.0), axis=0), 0.0)
+                lp_bins = lp.to(tl.float64)
+                p_tail = tl.maximum(1.0 - tl.sum(tl.where(in_k, tl.exp(lp_bins), 0.0), axis=0), 0.0)
                 if TAIL_EMPTY:
                     p_tail = 0.0 * p_tail
                 lp_tail = tl.log(p_tail)
-                stat_lo, d_lo, sur_lo = _branch_over_bins(lq, lp, in_k, lq_tail, lp_tail, alpha_lo, log_clip,
+                stat_lo, d_lo, sur_lo = _branch_over_bins(lq, lp_bins, in_k, lq_tail, lp_tail, alpha_lo, log_clip,
                                                           BRANCH_LO)
                 stat_hi, d_hi, sur_hi = stat_lo, d_lo, sur_lo
                 if not SAME_ALPHA:
-                    stat_hi, d_hi, sur_hi = _branch_over_bins(lq, lp, in_k, lq_tail, lp_tail, alpha_hi, log_clip,
+                    stat_hi, d_hi, sur_hi = _branch_over_bins(lq, lp_bins, in_k, lq_tail, lp_tail, alpha_hi, log_clip,
                                                               BRANCH_HI)
                 use_lo = d_lo > d_hi  # strict, as in AlphaNet
                 value = tl.where(use_lo, d_lo, d_hi)
@@ -182,10 +183,10 @@ if triton is not None:
                 if COMPUTE_GRAD:
                     scale = weight * temperature
                     if use_lo:
-                        grad_topk = _bin_gradient(lq, lp, stat_lo, alpha_lo, log_clip, BRANCH_LO)
+                        grad_topk = _bin_gradient(lq, lp_bins, stat_lo, alpha_lo, log_clip, BRANCH_LO)
                         grad_tail = _bin_gradient(lq_tail, lp_tail, stat_lo, alpha_lo, log_clip, BRANCH_LO)
                     else:
-                        grad_topk = _bin_gradient(lq, lp, stat_hi, alpha_hi, log_clip, BRANCH_HI)
+                        grad_topk = _bin_gradient(lq, lp_bins, stat_hi, alpha_hi, log_clip, BRANCH_HI)
                         grad_tail = _bin_gradient(lq_tail, lp_tail, stat_hi, alpha_hi, log_clip, BRANCH_HI)
                     tail_factor = tl.where(has_tail, grad_tail.to(tl.float32) / z_tail, 0.0) * scale
                     for start in range(0, C, BLOCK):
@@ -226,15 +227,8 @@ def sparse_adaptive_kd_triton(student: torch.Tensor, topk_indices: torch.Tensor,
     if not 1 <= k <= min(cols, MAX_TOPK):
         raise ValueError(f"the Triton backend takes 1 <= k <= min(C, {MAX_TOPK}) teacher classes, got k = {k}")
     check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-    value_dtype = torch.promote_types(student.dtype, topk_logprobs.dtype)
-    if value_dtype == torch.float64:
-        raise TypeError("the Triton backend computes in fp32; use backend='cpu' or 'reference' for float64")
-    row_values = torch.empty(rows, device=student.device, dtype=torch.float32)
-    grad = torch.empty((rows, cols) if compute_grad else (0,), device=student.device, dtype=student.dtype)
-    row_weight = 1.0 / rows if reduction == REDUCTION_MEAN and rows > 0 else 1.0
-    device_row_weight = None
-    if reduction == REDUCTION_MEAN and mask is not None:
-        device_row_weight = mask.sum().clamp(min=1).reciprocal().to(torch.float32).reshape(1)
+    value_dtype, row_values, grad, row_weight, device_row_weight = launch_outputs(student, topk_logprobs.dtype, mask,
+                                                                                  reduction, compute_grad)
     if rows > 0:
         words = (cols + 31) // 32
         bitmap = torch.zeros(rows, words, device=student.device, dtype=torch.int32)

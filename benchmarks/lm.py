@@ -272,4 +272,4 @@ def plot(rows: List[dict], path: str) -> None:
 
 
 if __name__ == "__main__":
-    _probe(*sys.argv[1:4])
+    _probe(*sys.argv[1:5])

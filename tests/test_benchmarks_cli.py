@@ -98,3 +98,15 @@ def test_lm_suite_prints_the_sparse_rows_and_plots(tmp_path, capsys):
     for provider in ("top-k eager", "top-k compile", "top-k fused-linear", "fused-linear"):
         assert provider in printed
     assert (tmp_path / "lm.png").stat().st_size > 0
+
+
+def test_lm_memory_probe_runs_a_top_k_provider_in_a_fresh_process():
+    import json
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.lm", "top-k fused-linear", "64x16x300", "float32", "8"],
+                          capture_output=True, text=True, cwd=root, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["extra_bytes"] >= 0

@@ -10,8 +10,9 @@ import shutil
 import pytest
 import torch
 
+import alphadiv_kernels as ak
 from alphadiv_kernels._validation import validate_sparse_arguments
-from conftest import LOGIT_KINDS, make_logits
+from conftest import LOGIT_KINDS, assert_close_elementwise, fp32_gradient_floor, make_logits, value_and_grad
 from test_sparse_op import ALPHA_PAIRS, BAD_TEACHERS, check_sparse, sparse_teacher, sparse_value_and_grad
 
 SOURCE = pathlib.Path(__file__).parent / "cuda_emulation" / "emulated_sparse_adaptive_kd.cpp"
@@ -107,3 +108,21 @@ def test_emulated_cuda_vocabulary_beyond_shared_memory_is_one_clear_error(gen):
     indices, logprobs = sparse_teacher(teacher, 4, gen)
     with pytest.raises(ValueError, match="shared memory"):
         emulated_sparse_kd(student, indices, logprobs, shared_bytes=256)
+
+
+@pytest.mark.parametrize("kind", ["random", "confident_teacher", "masked_classes", "huge_gaps"])
+def test_emulated_cuda_all_classes_equal_the_emulated_dense_kernel(kind, gen):
+    from test_cuda_kernel_emulated import emulated_cuda_kd
+    student, teacher = make_logits(kind, 6, 37, gen)
+    indices, logprobs = sparse_teacher(teacher, 37, gen, order="random")
+    for alphas in [(-1.0, 1.0), (0.0, 0.0), (1.0, 1.0)]:
+        kwargs = dict(alpha_min=alphas[0], alpha_max=alphas[1], reduction="none")
+        value, grad = sparse_value_and_grad(emulated_sparse_kd, student, indices, logprobs, **kwargs)
+        dense_value, dense_grad = value_and_grad(emulated_cuda_kd, student, teacher, **kwargs)
+        d_lo, d_hi = (ak.adaptive_kd_reference(student.double(), teacher.double(), alpha_min=a, alpha_max=a,
+                                               reduction="none") for a in alphas)
+        untied = ((d_lo - d_hi).abs() > 1e-4 * torch.maximum(d_lo.abs(), d_hi.abs()) + 1e-6) | (alphas[0] == alphas[1])
+        torch.testing.assert_close(value[untied], dense_value[untied], rtol=2e-5, atol=1e-6, equal_nan=True)
+        floor = fp32_gradient_floor(student, teacher, 1.0, "none")  # both within it of the float64 computation
+        assert_close_elementwise(grad[untied], dense_grad[untied], 1e-4, 2 * floor[untied])
+
