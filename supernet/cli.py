@@ -10,7 +10,8 @@ from typing import List, Optional
 SUBCOMMANDS = {  # name: (module, help)
     "train": ("train", "train a supernet (sandwich rule, in-place adaptive KD)"),
     "eval": ("evaluate", "calibrated evaluation of subnets"),
-    "search": ("search", "evolutionary search for the accuracy-vs-FLOPs front"),
+    "search": ("search", "evolutionary search for the accuracy-vs-FLOPs (or latency) front"),
+    "latency": ("latency", "a latency table of a space's blocks measured on this device, and its check"),
     "export": ("export", "a subnet as a standalone model"),
     "boxplot": ("boxplot", "accuracy of sampled subnets per FLOPs group, one box per run (Figures 4, 9, 10)"),
     "convert": ("convert", "a supernet checkpoint of the AlphaNet reference code, in this project's format"),

@@ -15,7 +15,7 @@ ReLU6) without residual, and the classifier follows the pool directly.
 from __future__ import annotations
 
 import copy
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -247,56 +247,76 @@ class StaticSubnet(nn.Module):
 
 
 @torch.no_grad()
+def static_stem(supernet: ElasticSupernet, width: int) -> nn.Sequential:
+    space = supernet.space
+    return nn.Sequential(_conv(supernet.stem.weight[:width], None, space.first_conv_stride),
+                         _bn(supernet.stem_bn, width), ACTIVATIONS[space.activation]())
+
+
+@torch.no_grad()
+def static_block(space: SearchSpace, block: ElasticMBConv, in_channels: int, out_channels: int, kernel: int,
+                 ratio: int) -> StaticMBConv:
+    """One elastic block at the given widths, kernel and expansion, as plain layers with copied weights."""
+    act = ACTIVATIONS[space.activation]
+    mid = expanded_width(in_channels, ratio) if block.has_expand else in_channels
+    expand = None
+    if block.has_expand:
+        expand = nn.Sequential(_conv(block.expand_conv.weight[:mid, :in_channels], None, 1),
+                               _bn(block.expand_bn, mid), act())
+    depthwise = nn.Sequential(_conv(block.depthwise.active_weight(mid, kernel), None, block.stride, groups=mid),
+                              _bn(block.depthwise_bn, mid), act())
+    se = None
+    if block.se is not None:
+        squeeze = se_width(mid)
+        se = StaticSqueezeExcite(
+            _conv(block.se.reduce.weight[:squeeze, :mid], block.se.reduce.bias[:squeeze], 1),
+            _conv(block.se.expand.weight[:mid, :squeeze], block.se.expand.bias[:mid], 1))
+    project = nn.Sequential(_conv(block.project.weight[:out_channels, :mid], None, 1),
+                            _bn(block.project_bn, out_channels), *([act()] if space.project_activation else []))
+    if space.shortcut == "always":
+        shortcut = None
+        if in_channels != out_channels:
+            shortcut = _conv(block.shortcut.weight[:out_channels, :in_channels], None, 1)
+        return StaticMBConv(expand, depthwise, se, project, True, block.stride, shortcut)
+    identity = space.shortcut == "identity" and block.stride == 1 and in_channels == out_channels
+    return StaticMBConv(expand, depthwise, se, project, identity)
+
+
+@torch.no_grad()
+def static_head(supernet: ElasticSupernet, in_channels: int, last_width: int) -> Tuple[nn.Sequential, nn.Linear]:
+    """The head (expansion / conv and pooling) and the classifier of a subnet, as plain layers."""
+    space = supernet.space
+    act = ACTIVATIONS[space.activation]
+    if space.head == "attentive":
+        head_width = HEAD_EXPANSION * in_channels
+        head = nn.Sequential(_conv(supernet.head_expand.weight[:head_width, :in_channels], None, 1),
+                             _bn(supernet.head_expand_bn, head_width), act(), nn.AdaptiveAvgPool2d(1),
+                             _conv(supernet.head_mix.weight[:last_width, :head_width], None, 1), act())
+    elif space.head == "conv":
+        head = nn.Sequential(_conv(supernet.head_conv.weight[:last_width, :in_channels], None, 1),
+                             _bn(supernet.head_conv_bn, last_width), act(), nn.AdaptiveAvgPool2d(1))
+    else:
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1))
+    classifier = nn.Linear(last_width, space.num_classes)
+    classifier.weight.copy_(supernet.classifier.weight[:, :last_width])
+    classifier.bias.copy_(supernet.classifier.bias)
+    return head, classifier
+
+
+@torch.no_grad()
 def extract(supernet: ElasticSupernet, config: ArchConfig) -> StaticSubnet:
     """The subnet of `config` as plain layers with copied weights and BN statistics."""
     space = supernet.space
     cfg = space.validate(copy.deepcopy(config))
     widths = cfg["width"]
-    act = ACTIVATIONS[space.activation]
-    stem = nn.Sequential(_conv(supernet.stem.weight[: widths[0]], None, space.first_conv_stride),
-                         _bn(supernet.stem_bn, widths[0]), act())
     blocks: List[nn.Module] = []
     in_channels = widths[0]
     for stage_index, stage_blocks in enumerate(supernet.stages):
         out_channels = widths[stage_index + 1]
         kernel, ratio = cfg["kernel_size"][stage_index], cfg["expand_ratio"][stage_index]
         for block in stage_blocks[: cfg["depth"][stage_index]]:
-            mid = expanded_width(in_channels, ratio) if block.has_expand else in_channels
-            expand = None
-            if block.has_expand:
-                expand = nn.Sequential(_conv(block.expand_conv.weight[:mid, :in_channels], None, 1),
-                                       _bn(block.expand_bn, mid), act())
-            depthwise = nn.Sequential(_conv(block.depthwise.active_weight(mid, kernel), None, block.stride, groups=mid),
-                                      _bn(block.depthwise_bn, mid), act())
-            se = None
-            if block.se is not None:
-                squeeze = se_width(mid)
-                se = StaticSqueezeExcite(
-                    _conv(block.se.reduce.weight[:squeeze, :mid], block.se.reduce.bias[:squeeze], 1),
-                    _conv(block.se.expand.weight[:mid, :squeeze], block.se.expand.bias[:mid], 1))
-            project = nn.Sequential(_conv(block.project.weight[:out_channels, :mid], None, 1),
-                                    _bn(block.project_bn, out_channels), *([act()] if space.project_activation else []))
-            if space.shortcut == "always":
-                shortcut = None
-                if in_channels != out_channels:
-                    shortcut = _conv(block.shortcut.weight[:out_channels, :in_channels], None, 1)
-                blocks.append(StaticMBConv(expand, depthwise, se, project, True, block.stride, shortcut))
-            else:
-                identity = space.shortcut == "identity" and block.stride == 1 and in_channels == out_channels
-                blocks.append(StaticMBConv(expand, depthwise, se, project, identity))
+            blocks.append(static_block(space, block, in_channels, out_channels, kernel, ratio))
             in_channels = out_channels
-    if space.head == "attentive":
-        head_width = HEAD_EXPANSION * in_channels
-        head = nn.Sequential(_conv(supernet.head_expand.weight[:head_width, :in_channels], None, 1),
-                             _bn(supernet.head_expand_bn, head_width), act(), nn.AdaptiveAvgPool2d(1),
-                             _conv(supernet.head_mix.weight[: widths[-1], :head_width], None, 1), act())
-    elif space.head == "conv":
-        head = nn.Sequential(_conv(supernet.head_conv.weight[: widths[-1], :in_channels], None, 1),
-                             _bn(supernet.head_conv_bn, widths[-1]), act(), nn.AdaptiveAvgPool2d(1))
-    else:
-        head = nn.Sequential(nn.AdaptiveAvgPool2d(1))
-    classifier = nn.Linear(widths[-1], space.num_classes)
-    classifier.weight.copy_(supernet.classifier.weight[:, : widths[-1]])
-    classifier.bias.copy_(supernet.classifier.bias)
-    subnet = StaticSubnet(cfg["resolution"], stem, nn.Sequential(*blocks), head, classifier)
+    head, classifier = static_head(supernet, in_channels, widths[-1])
+    subnet = StaticSubnet(cfg["resolution"], static_stem(supernet, widths[0]), nn.Sequential(*blocks), head, classifier)
     return subnet.train(supernet.training)

@@ -29,6 +29,8 @@ from .config import CommandLineParser, is_bundled, positive_int
 from .errors import run_command
 from .evaluation import TrainedSupernet, add_evaluation_arguments
 from .flops import mflops
+from .latency import LatencyTable, measure_subnet, window_predicate
+from .model import extract
 from .report import save_figure
 from .runtime import setup_runtime
 from .space import ArchConfig, load_arch
@@ -56,14 +58,18 @@ class SearchConfig:
     calib_images: int = 32 * 256
     seed: int = 0
     seeds: Tuple[Dict[str, object], ...] = ()  # archs placed in the initial population (e.g. published ones)
+    latency_table: Optional[str] = None  # predicted latency: a window on it, and the front against it
+    min_latency_ms: Optional[float] = None
+    max_latency_ms: Optional[float] = None
 
 
-def pareto_front(points: List[Dict[str, object]]) -> List[int]:
-    """Indices of the points no other point beats (higher or equal top-1 at lower or equal MFLOPs)."""
+def pareto_front(points: List[Dict[str, object]], cost: str = "mflops") -> List[int]:
+    """Indices of the points no other point beats (higher or equal top-1 at lower or equal cost: MFLOPs, or
+    predicted latency with `cost="latency_ms"`)."""
     front = []
     for i, p in enumerate(points):
-        dominated = any(q["top1"] >= p["top1"] and q["mflops"] <= p["mflops"] and
-                        (q["top1"] > p["top1"] or q["mflops"] < p["mflops"]) for q in points)
+        dominated = any(q["top1"] >= p["top1"] and q[cost] <= p[cost] and
+                        (q["top1"] > p["top1"] or q[cost] < p[cost]) for q in points)
         if not dominated:
             front.append(i)
     return front
@@ -90,12 +96,15 @@ class EvolutionarySearch:
         space = trained.space
         self.window = (config.min_mflops if config.min_mflops is not None else mflops(space, space.min_config()),
                        config.max_mflops if config.max_mflops is not None else mflops(space, space.max_config()))
+        self.latency = LatencyTable.load(config.latency_table) if config.latency_table else None
+        self.in_latency_window = window_predicate(self.latency, config.min_latency_ms, config.max_latency_ms)
+        self.cost = "latency_ms" if self.latency else "mflops"
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.state_path = os.path.join(out, "search_state.json")
 
     def in_window(self, arch: ArchConfig) -> bool:
-        return self.window[0] <= mflops(self.trained.space, arch) <= self.window[1]
+        return self.window[0] <= mflops(self.trained.space, arch) <= self.window[1] and self.in_latency_window(arch)
 
     def evaluate_all(self, archs: List[ArchConfig]) -> List[Dict[str, object]]:
         """Each process evaluates its share; every process gets all results, in order."""
@@ -105,7 +114,11 @@ class EvolutionarySearch:
             shares = [None] * self.world
             dist.all_gather_object(shares, mine)
             mine = {i: result for share in shares for i, result in share.items()}
-        return [mine[i] for i in range(len(archs))]
+        results = [mine[i] for i in range(len(archs))]
+        if self.latency is not None:
+            for result in results:
+                result["latency_ms"] = self.latency.predict(result["arch"])
+        return results
 
     def children(self, archive: List[Dict[str, object]], rng: random.Random) -> List[ArchConfig]:
         space = self.trained.space
@@ -135,7 +148,9 @@ class EvolutionarySearch:
             # The min subnet (where it lies in the window), then random subnets within the window.
             population = [arch for arch in (space.min_config(),) if self.in_window(arch)]
             population += [arch for arch in self.config.seeds if arch not in population]
-            population += [space.random_config_in_window(rng, lambda a: mflops(space, a), *self.window)
+            population = [arch for arch in population if self.in_window(arch)]
+            population += [space.random_config_in_window(rng, lambda a: mflops(space, a), *self.window,
+                                                         accept=self.in_latency_window)
                            for _ in range(self.config.population - len(population))]
             archive = self.evaluate_all(population)
             iteration = 1  # the initial population is the first round
@@ -151,7 +166,7 @@ class EvolutionarySearch:
             archive += self.evaluate_all(new)
             iteration += 1
             self._save_state(archive, iteration, rng)
-            front = pareto_front(archive)
+            front = pareto_front(archive, self.cost)
             self._log(f"iteration {iteration}/{self.config.iterations}: {len(new)} new subnets, {len(archive)} in all, "
                       f"{len(front)} on the front")
         return archive
@@ -182,21 +197,37 @@ def _tuple_state(state):
     return tuple(tuple(part) if isinstance(part, list) else part for part in state)
 
 
-def write_outputs(archive: List[Dict[str, object]], out: str) -> None:
-    front = set(pareto_front(archive))
+def write_outputs(archive: List[Dict[str, object]], out: str, cost: str = "mflops") -> None:
+    front = set(pareto_front(archive, cost))
     records = [{**record, "on_front": i in front} for i, record in enumerate(archive)]
     atomic_write(os.path.join(out, "pareto.json"), json.dumps(records, indent=1).encode())
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 5))
-    axis.scatter([r["mflops"] for r in records], [r["top1"] for r in records], s=12, alpha=0.5, label="evaluated")
-    on_front = sorted((r for r in records if r["on_front"]), key=lambda r: r["mflops"])
-    axis.plot([r["mflops"] for r in on_front], [r["top1"] for r in on_front], "o-", color="C3", label="Pareto front")
-    axis.set_xlabel("MFLOPs")
+    axis.scatter([r[cost] for r in records], [r["top1"] for r in records], s=12, alpha=0.5, label="evaluated")
+    on_front = sorted((r for r in records if r["on_front"]), key=lambda r: r[cost])
+    axis.plot([r[cost] for r in on_front], [r["top1"] for r in on_front], "o-", color="C3", label="Pareto front")
+    axis.set_xlabel("MFLOPs" if cost == "mflops" else "predicted latency (ms, the latency table's device)")
     axis.set_ylabel("validation top-1 (%), BN recalibrated")
     axis.set_title(f"evolutionary search: {len(records)} subnets")
     axis.legend()
     save_figure(figure, os.path.join(out, "pareto.png"))
+
+
+def measure_front(trained: TrainedSupernet, table: LatencyTable, front: List[Dict[str, object]], out: str
+                  ) -> List[Dict[str, object]]:
+    """The front's subnets as exported (static layers), measured with the table's settings: predicted vs
+    measured latency per subnet, written to latency_report.json."""
+    rows = []
+    for record in front:
+        subnet = extract(trained.model, record["arch"]).cpu()
+        measured = measure_subnet(table, subnet, record["arch"]["resolution"])
+        error = record["latency_ms"] - measured
+        rows.append(dict(arch=record["arch"], mflops=record["mflops"], top1=record["top1"],
+                         predicted_ms=record["latency_ms"], measured_ms=measured, error_ms=error,
+                         error_pct=100 * error / measured))
+    atomic_write(os.path.join(out, "latency_report.json"), json.dumps(rows, indent=1).encode())
+    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -213,6 +244,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--mutation_prob", type=float, default=0.2, help="probability of mutating each gene")
     parser.add_argument("--min_mflops", type=float, help="FLOPs window (imagenet 200; digits: the min subnet's)")
     parser.add_argument("--max_mflops", type=float, help="FLOPs window (imagenet 1200; digits: the max subnet's)")
+    parser.add_argument("--latency_table", default=None, metavar="TABLE.json",
+                        help="search against predicted latency (a table of alphanet latency for this space)")
+    parser.add_argument("--max_latency_ms", type=float, help="latency window (with --latency_table)")
+    parser.add_argument("--min_latency_ms", type=float, help="latency window (with --latency_table)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--include", nargs="+", default=[], metavar="ARCH",
                         help="archs to put in the initial population: published names (a0 ... a6, a5_1) or JSON files")
@@ -227,6 +262,16 @@ def main(argv: Optional[List[str]] = None) -> None:
         parser.error("--bucket_mflops must be positive")
     if not 0 <= args.mutation_prob <= 1:
         parser.error("--mutation_prob must be in [0, 1]")
+    latency_window = (args.min_latency_ms, args.max_latency_ms)
+    if args.latency_table is None and latency_window != (None, None):
+        parser.error("--min_latency_ms / --max_latency_ms need --latency_table")
+    if args.latency_table is not None:
+        try:
+            table = LatencyTable.load(args.latency_table)
+        except ValueError as error:
+            parser.error(str(error))
+        if None not in latency_window and latency_window[0] > latency_window[1]:
+            parser.error("--min_latency_ms must not exceed --max_latency_ms")
 
     def search() -> None:
         runtime = setup_runtime(args.device)  # NCCL between GPUs, gloo between CPUs
@@ -235,18 +280,35 @@ def main(argv: Optional[List[str]] = None) -> None:
         sizes = {key: getattr(args, key) if getattr(args, key) is not None else preset[key] for key in preset}
         seeds = tuple(load_arch(text, trained.space) for text in args.include)
         sizes["calib_images"] = min(sizes["calib_images"], len(trained.splits["train"]))
-        config = SearchConfig(**sizes, mutation_prob=args.mutation_prob, seed=args.seed, seeds=seeds)
+        if args.latency_table is not None:
+            table.check_space(trained.space)
+            fastest = table.predict(trained.space.min_config())
+            if args.max_latency_ms is not None and args.max_latency_ms < fastest:
+                raise ValueError(f"--max_latency_ms {args.max_latency_ms:g} is below the smallest subnet's predicted "
+                                 f"latency, {fastest:.3f} ms on the table's device")
+        config = SearchConfig(**sizes, mutation_prob=args.mutation_prob, seed=args.seed, seeds=seeds,
+                              latency_table=args.latency_table, min_latency_ms=args.min_latency_ms,
+                              max_latency_ms=args.max_latency_ms)
         run_dir = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(args.checkpoint)
         out = args.out or os.path.join(run_dir, "search")
         with RunFolderLock(out) if runtime.is_main else contextlib.nullcontext():  # one search per folder
-            archive = EvolutionarySearch(trained, config, out).run()
+            evolution = EvolutionarySearch(trained, config, out)
+            archive = evolution.run()
             if runtime.is_main:
-                write_outputs(archive, out)
+                write_outputs(archive, out, evolution.cost)
         if runtime.is_main:
-            front = [archive[i] for i in sorted(pareto_front(archive), key=lambda i: archive[i]["mflops"])]
+            cost = evolution.cost
+            front = [archive[i] for i in sorted(pareto_front(archive, cost), key=lambda i: archive[i][cost])]
             for record in front:
-                print(f"front: {record['mflops']:8.2f} MFLOPs  top-1 {record['top1']:.2f}%")
+                latency = f"  predicted {record['latency_ms']:8.3f} ms" if evolution.latency else ""
+                print(f"front: {record['mflops']:8.2f} MFLOPs{latency}  top-1 {record['top1']:.2f}%")
             print(f"wrote {os.path.join(out, 'pareto.json')} and {os.path.join(out, 'pareto.png')}")
+            if evolution.latency:
+                rows = measure_front(trained, evolution.latency, front, out)
+                for row in rows:
+                    print(f"measured: {row['mflops']:8.2f} MFLOPs  predicted {row['predicted_ms']:8.3f} ms  measured "
+                          f"{row['measured_ms']:8.3f} ms  error {row['error_pct']:+6.1f}%")
+                print(f"wrote {os.path.join(out, 'latency_report.json')}")
 
     run_command("alphanet search", search)
 

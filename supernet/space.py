@@ -129,13 +129,16 @@ class SearchSpace:
         return sorted({round(min(high, low + i * step), 4) for i in range(count + 1)} | {high})
 
     def random_config_in_window(self, rng: random.Random, flops_fn: Callable[[ArchConfig], float],
-                                min_mflops: float, max_mflops: float, max_tries: int = 10_000) -> ArchConfig:
-        """Rejection sampling of a uniform random config with min <= MFLOPs <= max."""
+                                min_mflops: float, max_mflops: float, max_tries: int = 10_000,
+                                accept: Optional[Callable[[ArchConfig], bool]] = None) -> ArchConfig:
+        """Rejection sampling of a uniform random config with min <= MFLOPs <= max (and `accept`, e.g. a
+        latency window)."""
         for _ in range(max_tries):
             config = self.random_config(rng)
-            if min_mflops <= flops_fn(config) <= max_mflops:
+            if min_mflops <= flops_fn(config) <= max_mflops and (accept is None or accept(config)):
                 return config
-        raise ValueError(f"no config of the {self.name!r} space within [{min_mflops}, {max_mflops}] MFLOPs "
+        window = "" if accept is None else " and the latency window"
+        raise ValueError(f"no config of the {self.name!r} space within [{min_mflops}, {max_mflops}] MFLOPs{window} "
                          f"after {max_tries} samples")
 
     def mutate(self, config: ArchConfig, rng: random.Random, probability: float = 0.2) -> ArchConfig:
