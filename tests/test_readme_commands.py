@@ -77,6 +77,9 @@ RECIPES: Dict[str, Recipe] = {
         Recipe(" --linear-shapes 32x16x200 --repeats 3 --budget 0.05 --no-memory",
                writes=("results/lm-cpu-*/results.json",)),
     "python -m benchmarks --suite data": Recipe(" --data-images 64", writes=("results/data-*/results.json",)),
+    "python -m benchmarks.sparse_quality": Recipe(" --steps 4 --sequences 8 --topk 8", prints="teacher mass outside",
+                                                  writes=("results/sparse-quality/results.json",
+                                                          "results/sparse-quality/sparse_quality.png")),
     # Training
     "alphanet train --help": Recipe(prints="--kd_temperature"),
     "torchrun --standalone --nproc_per_node=2 -m supernet.train --epochs 5":
@@ -91,6 +94,14 @@ RECIPES: Dict[str, Recipe] = {
     "alphanet export --checkpoint RUN_DIR --arch min --out exported":
         Recipe(needs=("run",), writes=("exported/model.pt2", "exported/weights.pt", "exported/arch.json")),
     "alphanet flops  --arch a4": Recipe(prints="443.5 MFLOPs, 11.81 M parameters"),
+    "alphanet latency --space alphanet --device cpu --batch_size 1 --threads 2 --out latency/alphanet-cpu.json "
+    "--validate 50": Recipe(" --quick --validate 2", prints="rank correlation with measured latency",
+                            writes=("latency/alphanet-cpu.json", "latency/alphanet-cpu_validation.json")),
+    "alphanet latency --space digits --quick --out latency/digits.json":
+        Recipe(writes=("latency/digits.json",), prints="228 parts"),
+    "alphanet search  --checkpoint RUN_DIR --latency_table latency/digits.json --max_latency_ms 10":
+        Recipe(" --iterations 1", needs=("run", "digits_latency"), prints="measured:",
+               writes=("RUN_DIR/search/pareto.json", "RUN_DIR/search/latency_report.json")),
     # Slimmable networks
     "alphanet train --preset slim-digits": Recipe(" --epochs 1", writes=train_files("runs/digits-*") + (
         "runs/digits-*/widths.csv", "runs/digits-*/widths.png")),
@@ -219,6 +230,8 @@ def prepare(needs: Tuple[str, ...], stand_ins, cwd: str) -> Dict[str, str]:
             placeholders["RUN_DIR"] = "RUN_DIR"
         elif need == "export":
             placeholders["EXPORT_DIR"] = stand_ins("export")
+        elif need == "digits_latency":
+            _cli(["latency", "--space", "digits", "--quick", "--out", os.path.join(cwd, "latency", "digits.json")])
         elif need == "imagenet":
             placeholders["/data/imagenet"] = stand_ins("imagenet")
         elif need == "resnet50":
