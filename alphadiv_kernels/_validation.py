@@ -28,7 +28,7 @@ def _check_real(name: str, value: float) -> None:
     """A finite real number: Python int / float or a NumPy scalar (not bool)."""
     if isinstance(value, (bool, torch.Tensor)) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
+    if not -math.inf < value < math.inf:  # not math.isfinite: dynamo's dynamic-shape tracing cannot run it
         raise ValueError(f"{name} must be finite, got {value}")
 
 

@@ -30,13 +30,15 @@ better matrix products (fewer, fuller GEMMs, and fewer passes over the weight gr
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ._validation import check_backend, check_loss_parameters, check_sparse_teacher_shapes
-from .adaptive_kd import _graph_is_retained, fused_adaptive_kd
+from ._constants import REDUCTION_NONE, REDUCTION_SUM
+from ._contract import BACKENDS
+from .adaptive_kd import _graph_is_retained, _resolve_backend, fused_adaptive_kd
 from .sparse import fused_sparse_adaptive_kd
 from .diagnostics import KDStats, adaptive_kd_stats
 from .vocabulary import shared_vocabulary
@@ -100,13 +102,22 @@ def _leading_rows(tensor: Optional[torch.Tensor], rows: int) -> Optional[torch.T
 class _DenseTeacher:
     """A teacher given by its hidden states and output projection: the chunk's logits, projected on its device."""
 
-    def __init__(self, x, weight, bias):
+    sparse = False
+
+    def __init__(self, x, weight, bias=None):
         self.x, self.weight, self.bias = x, weight, bias  # the weight and bias already cut to the shared rows
         self.dtype = x.dtype
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.x, self.weight] + ([] if self.bias is None else [self.bias])
 
     def chunk(self, rows: slice, device) -> tuple:
         logits = torch.nn.functional.linear(self.x[rows], self.weight, self.bias)
         return (logits.to(device, non_blocking=True),)  # a teacher on another device projects there
+
+    @staticmethod
+    def kernel(backend: str):
+        return BACKENDS[backend].op()
 
     @staticmethod
     def loss(logits, teacher, **kwargs):
@@ -120,15 +131,28 @@ class _DenseTeacher:
 class _SparseTeacher:
     """A teacher given by its top-k classes and log-probabilities per row (`fused_sparse_adaptive_kd`)."""
 
+    sparse = True
+
     def __init__(self, indices, logprobs):
         self.indices, self.logprobs, self.dtype = indices, logprobs, logprobs.dtype
+
+    def tensors(self) -> List[torch.Tensor]:
+        return [self.indices, self.logprobs]
 
     def chunk(self, rows: slice, device) -> tuple:
         return self.indices[rows].to(device, non_blocking=True), self.logprobs[rows].to(device, non_blocking=True)
 
     @staticmethod
+    def kernel(backend: str):
+        return BACKENDS[backend].sparse_op()
+
+    @staticmethod
     def loss(logits, teacher, **kwargs):
         return fused_sparse_adaptive_kd(logits, *teacher, **kwargs)
+
+
+def _teacher_of(tensors: List[torch.Tensor], sparse: bool):
+    return _SparseTeacher(*tensors) if sparse else _DenseTeacher(*tensors)
 
 
 class _Chunks:
@@ -136,7 +160,8 @@ class _Chunks:
     teacher's chunk, and the gradients of the student's input, weight and bias from the chunk's logit gradient."""
 
     def __init__(self, x, weight, bias, teacher, mask, vocab, chunk_size, needs):
-        self.x, self.teacher, self.mask, self.chunk_size = x, teacher, mask, chunk_size
+        self.x, self.teacher, self.mask = x, teacher, mask
+        self.chunk_size = chunk_size or default_chunk_size(x.shape[0], x.shape[1], x.element_size())
         self.weight, self.bias = _leading_rows(weight, vocab), _leading_rows(bias, vocab)
         need_x, need_w, need_b = needs[0], needs[1], bias is not None and needs[2]
         accumulate = torch.promote_types(weight.dtype, torch.float32)  # float32, or float64 for float64 weights
@@ -176,44 +201,93 @@ class _Chunks:
         return grads
 
 
+def _chunk_loss(teacher, kernel, logits, teacher_chunk, mask, reduction: int, compute_grad: bool, loss_args):
+    """One chunk's value and (compute_grad) its gradient wrt the chunk's logits, per row for REDUCTION_NONE.
+    A kernel writes the gradient in its forward (called below autograd: this also runs inside a custom op);
+    the eager reference (kernel None) gets it from autograd."""
+    if kernel is not None:
+        with torch._C._AutoDispatchBelowAutograd():
+            value, grad = kernel(logits, *teacher_chunk, mask, loss_args["alpha_min"], loss_args["alpha_max"],
+                                 loss_args["clip"], loss_args["temperature"], reduction, False, compute_grad)
+        return value, grad if compute_grad else None
+    name = {REDUCTION_NONE: "none", REDUCTION_SUM: "sum"}[reduction]
+    if not compute_grad:
+        return teacher.loss(logits, teacher_chunk, reduction=name, mask=mask, **loss_args), None
+    leaf = logits.detach().requires_grad_(True)
+    with torch.enable_grad():
+        value = teacher.loss(leaf, teacher_chunk, reduction=name, mask=mask, **loss_args)
+        (grad,) = torch.autograd.grad(value.sum(), leaf)  # rows are independent: the sum gives each row's own
+    return value.detach(), grad
+
+
+def _kernel(teacher, loss_args, device):
+    chosen = _resolve_backend(loss_args["backend"], device)
+    return None if chosen == "reference" else teacher.kernel(chosen)
+
+
 def _stats_vector(stats: Optional[KDStats], device) -> torch.Tensor:
     return torch.stack(tuple(stats)) if stats is not None else torch.zeros(4, dtype=torch.float64, device=device)
 
 
-class _FusedLinearAdaptiveKD(torch.autograd.Function):
-    """reduction "mean" / "sum": the gradients are complete when the forward returns."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, mask, teacher, loss_args, reduction, chunk_size, vocab, with_stats):
-        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, ctx.needs_input_grad)
-        total = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
-        stats = KDStats.zeros(x.device) if with_stats else None
+def _forward(x, weight, bias, mask, teacher, loss_args, reduction, chunk_size, vocab, with_stats, needs):
+    """The chunk loop: (the loss or, for "none", its values per row, the stats vector, the student's gradients).
+    For "mean" / "sum" the gradients of (x, weight, bias) are complete (None where not needed); "none" has none."""
+    kernel = _kernel(teacher, loss_args, x.device)
+    stats = KDStats.zeros(x.device) if with_stats else None
+    value_dtype = torch.promote_types(x.dtype, teacher.dtype)
+    if reduction == "none":
+        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, (False, False, False))
+        values = torch.empty(x.shape[0], dtype=value_dtype, device=x.device)
         for rows, logits, teacher_chunk, chunk_mask in chunks:
             if with_stats:
                 stats = stats + teacher.stats(logits, teacher_chunk, chunk_mask, loss_args)
-            if not chunks.need_grad:
-                total += teacher.loss(logits, teacher_chunk, reduction="sum", mask=chunk_mask,
-                                      **loss_args).to(total.dtype)
-                continue
-            leaf = logits.requires_grad_(True)
-            with torch.enable_grad():
-                loss = teacher.loss(leaf, teacher_chunk, reduction="sum", mask=chunk_mask, **loss_args)
-            (grad_logits,) = torch.autograd.grad(loss, leaf)
-            total += loss.detach().to(total.dtype)
-            del leaf, logits, teacher_chunk, loss  # the loss's graph would keep the student logits alive
+            values[rows], _ = _chunk_loss(teacher, kernel, logits, teacher_chunk, chunk_mask, REDUCTION_NONE, False,
+                                          loss_args)
+        return values, _stats_vector(stats, x.device), [None, None, None]
+    chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, needs)
+    total = torch.zeros((), dtype=torch.promote_types(x.dtype, torch.float32), device=x.device)
+    for rows, logits, teacher_chunk, chunk_mask in chunks:
+        if with_stats:
+            stats = stats + teacher.stats(logits, teacher_chunk, chunk_mask, loss_args)
+        loss, grad_logits = _chunk_loss(teacher, kernel, logits, teacher_chunk, chunk_mask, REDUCTION_SUM,
+                                        chunks.need_grad, loss_args)
+        total += loss.to(total.dtype)
+        del logits, teacher_chunk, loss
+        if grad_logits is not None:
             chunks.add_gradient(rows, grad_logits)
-            del grad_logits
-        scale = None
-        if reduction == "mean":
-            count = mask.sum() if mask is not None else torch.tensor(x.shape[0], device=x.device)
-            scale = 1.0 / count.clamp(min=1).to(total.dtype)
-            total = total * scale
+        del grad_logits
+    scale = None
+    if reduction == "mean":
+        count = mask.sum() if mask is not None else torch.tensor(x.shape[0], device=x.device)
+        scale = 1.0 / count.clamp(min=1).to(total.dtype)
+        total = total * scale
+    return total.to(value_dtype), _stats_vector(stats, x.device), chunks.gradients(scale, (x, weight, bias))
+
+
+def _rows_backward(x, weight, bias, mask, teacher, loss_args, chunk_size, vocab, grad_values, needs):
+    """Gradients of sum_i grad_values[i] * value_i (reduction "none"): each chunk's logits again, weighted rows."""
+    kernel = _kernel(teacher, loss_args, x.device)
+    chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, needs)
+    for rows, logits, teacher_chunk, chunk_mask in chunks:
+        _, grad_logits = _chunk_loss(teacher, kernel, logits, teacher_chunk, chunk_mask, REDUCTION_NONE, True,
+                                     loss_args)
+        del logits, teacher_chunk
+        chunks.add_gradient(rows, grad_logits.mul_(grad_values[rows].unsqueeze(-1).to(grad_logits.dtype)))
+    return chunks.gradients(None, (x, weight, bias))
+
+
+class _FusedLinearAdaptiveKD(torch.autograd.Function):
+    """Eager autograd, reduction "mean" / "sum": the gradients are complete when the forward returns."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mask, teacher, loss_args, reduction, chunk_size, vocab, with_stats):
+        value, stats_vector, grads = _forward(x, weight, bias, mask, teacher, loss_args, reduction, chunk_size, vocab,
+                                              with_stats, ctx.needs_input_grad[:3])
         # Kept on ctx rather than saved: the backward hands them over, and a leaf's AccumulateGrad can only
         # adopt a gradient nothing else references (a saved tensor would make it copy the [V, H] one).
-        ctx.grads = chunks.gradients(scale, (x, weight, bias))
-        stats_vector = _stats_vector(stats, x.device)
+        ctx.grads = grads
         ctx.mark_non_differentiable(stats_vector)
-        return total.to(torch.promote_types(x.dtype, teacher.dtype)), stats_vector
+        return value, stats_vector
 
     @staticmethod
     def backward(ctx, grad_loss, _stats):
@@ -231,21 +305,16 @@ class _FusedLinearAdaptiveKD(torch.autograd.Function):
 
 
 class _FusedLinearAdaptiveKDRows(torch.autograd.Function):
-    """reduction "none": the forward computes the per-row values only; the backward, given a gradient per row,
-    recomputes each chunk's logits and takes their weighted gradient (one more pass of both projections)."""
+    """Eager autograd, reduction "none": the forward computes the per-row values only; the backward, given a
+    gradient per row, recomputes each chunk's logits and takes their weighted gradient (one more pass of both
+    projections)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, mask, teacher, loss_args, chunk_size, vocab, with_stats):
-        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, (False, False, False))
-        values = torch.empty(x.shape[0], dtype=torch.promote_types(x.dtype, teacher.dtype), device=x.device)
-        stats = KDStats.zeros(x.device) if with_stats else None
-        for rows, logits, teacher_chunk, chunk_mask in chunks:
-            if with_stats:
-                stats = stats + teacher.stats(logits, teacher_chunk, chunk_mask, loss_args)
-            values[rows] = teacher.loss(logits, teacher_chunk, reduction="none", mask=chunk_mask, **loss_args)
+        values, stats_vector, _ = _forward(x, weight, bias, mask, teacher, loss_args, "none", chunk_size, vocab,
+                                           with_stats, (False, False, False))
         ctx.save_for_backward(x, weight, bias, mask)
         ctx.settings = (teacher, loss_args, chunk_size, vocab)  # the teacher is never differentiated
-        stats_vector = _stats_vector(stats, x.device)
         ctx.mark_non_differentiable(stats_vector)
         return values, stats_vector
 
@@ -255,24 +324,113 @@ class _FusedLinearAdaptiveKDRows(torch.autograd.Function):
             raise RuntimeError("fused_linear_adaptive_kd has no second derivative (create_graph=True)")
         x, weight, bias, mask = ctx.saved_tensors
         teacher, loss_args, chunk_size, vocab = ctx.settings
-        chunks = _Chunks(x, weight, bias, teacher, mask, vocab, chunk_size, ctx.needs_input_grad)
-        for rows, logits, teacher_chunk, chunk_mask in chunks:
-            leaf = logits.requires_grad_(True)
-            with torch.enable_grad():
-                values = teacher.loss(leaf, teacher_chunk, reduction="none", mask=chunk_mask, **loss_args)
-            (grad_logits,) = torch.autograd.grad(values, leaf, grad_outputs=grad_values[rows].to(values.dtype))
-            del leaf, logits, teacher_chunk, values
-            chunks.add_gradient(rows, grad_logits)
-        return (*chunks.gradients(None, (x, weight, bias)), *(None,) * 6)
+        grads = _rows_backward(x, weight, bias, mask, teacher, loss_args, chunk_size, vocab, grad_values,
+                               ctx.needs_input_grad[:3])
+        return (*grads, *(None,) * 6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Under torch.compile: the same chunk loop as custom ops, opaque to the compiler, so the graph around the loss
+# compiles whole and with dynamic shapes (the chunk count depends on the rows; the chunk size is chosen inside).
+# The gradients are outputs of the forward op and the backward scales them (one more [V, H] buffer than the
+# eager path, which hands them over); "none" has a backward op that recomputes the chunks.
+
+_EMPTY = (0,)
+
+
+def _placeholder(grad: Optional[torch.Tensor], like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty(_EMPTY) if grad is None else grad
+
+
+@torch.library.custom_op("alphadiv::fused_linear_adaptive_kd", mutates_args=())
+def _fused_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                     teacher: List[torch.Tensor], sparse: bool, alpha_min: float, alpha_max: float, clip: float,
+                     temperature: float, backend: str, reduction: str, chunk_size: int, vocab: int, with_stats: bool,
+                     needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss_args = dict(alpha_min=alpha_min, alpha_max=alpha_max, clip=clip, temperature=temperature, backend=backend)
+    value, stats_vector, grads = _forward(x, weight, bias, mask, _teacher_of(teacher, sparse), loss_args, reduction,
+                                          chunk_size, vocab, with_stats, needs)
+    return (value, stats_vector, *(_placeholder(grad, x) for grad in grads))
+
+
+@torch.library.custom_op("alphadiv::fused_linear_adaptive_kd_rows_backward", mutates_args=())
+def _rows_backward_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], mask: Optional[torch.Tensor],
+                      teacher: List[torch.Tensor], sparse: bool, alpha_min: float, alpha_max: float, clip: float,
+                      temperature: float, backend: str, chunk_size: int, vocab: int, grad_values: torch.Tensor,
+                      needs: List[bool]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss_args = dict(alpha_min=alpha_min, alpha_max=alpha_max, clip=clip, temperature=temperature, backend=backend)
+    grads = _rows_backward(x, weight, bias, mask, _teacher_of(teacher, sparse), loss_args, chunk_size, vocab,
+                           grad_values, needs)
+    return tuple(_placeholder(grad, x) for grad in grads)
+
+
+def _fake_gradients(x, weight, bias, needs):
+    return tuple(tensor.new_empty(tensor.shape) if tensor is not None and need else x.new_empty(_EMPTY)
+                 for tensor, need in zip((x, weight, bias), needs))
+
+
+@_fused_linear_op.register_fake
+def _(x, weight, bias, mask, teacher, sparse, alpha_min, alpha_max, clip, temperature, backend, reduction, chunk_size,
+      vocab, with_stats, needs):
+    value_dtype = torch.promote_types(x.dtype, teacher[1].dtype if sparse else teacher[0].dtype)
+    value = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=value_dtype)
+    grads = _fake_gradients(x, weight, bias, (False,) * 3 if reduction == "none" else needs)
+    return (value, x.new_empty((4,), dtype=torch.float64), *grads)
+
+
+@_rows_backward_op.register_fake
+def _(x, weight, bias, mask, teacher, sparse, alpha_min, alpha_max, clip, temperature, backend, chunk_size, vocab,
+      grad_values, needs):
+    return _fake_gradients(x, weight, bias, needs)
+
+
+def _op_setup_context(ctx, inputs, output):
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.inputs = inputs
+    ctx.reduction = inputs[11]
+    if ctx.reduction == "none":
+        x, weight, bias, mask, teacher = inputs[:5]
+        ctx.save_for_backward(x, weight, bias, mask, *teacher)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _op_backward(ctx, grad_value, *_unused):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("fused_linear_adaptive_kd has no second derivative (create_graph=True)")
+    needs = ctx.needs_input_grad[:3]
+    if ctx.reduction == "none":
+        x, weight, bias, mask, *teacher = ctx.saved_tensors
+        _, _, _, _, _, sparse, alpha_min, alpha_max, clip, temperature, backend, _, chunk_size, vocab = ctx.inputs[:14]
+        grads = _rows_backward_op(x, weight, bias, mask, teacher, sparse, alpha_min, alpha_max, clip, temperature,
+                                  backend, chunk_size, vocab, grad_value, list(needs))
+    else:
+        grads = [grad * grad_value for grad in ctx.saved_tensors]
+    teacher_grads = [None] * len(ctx.inputs[4])  # the teacher (a list input) is never differentiated
+    return (*(grad if need else None for grad, need in zip(grads, needs)), None, teacher_grads, *(None,) * 11)
+
+
+_fused_linear_op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _apply(x, weight, bias, mask, teacher, loss_args, reduction, chunk, vocab, with_stats, leading_shape):
     """The loss (values reshaped to `leading_shape` for "none") and the stats vector."""
-    if reduction == "none":
-        values, stats = _FusedLinearAdaptiveKDRows.apply(x, weight, bias, mask, teacher, loss_args, chunk, vocab,
-                                                         with_stats)
-        return values.reshape(leading_shape), stats
-    return _FusedLinearAdaptiveKD.apply(x, weight, bias, mask, teacher, loss_args, reduction, chunk, vocab, with_stats)
+    if torch.compiler.is_compiling():
+        if _resolve_backend(loss_args["backend"], x.device) == "reference":
+            raise RuntimeError("the fused projection under torch.compile needs a compiled kernel (backend 'cpu', "
+                               "'cuda' or 'triton'); the eager reference runs in eager mode only")
+        needs = [torch.is_grad_enabled() and tensor is not None and tensor.requires_grad for tensor in (x, weight, bias)]
+        value, stats, *_ = _fused_linear_op(x, weight, bias, mask, teacher.tensors(), teacher.sparse,
+                                            loss_args["alpha_min"], loss_args["alpha_max"], loss_args["clip"],
+                                            loss_args["temperature"], loss_args["backend"], reduction, chunk or 0,
+                                            vocab, with_stats, needs)
+    elif reduction == "none":
+        value, stats = _FusedLinearAdaptiveKDRows.apply(x, weight, bias, mask, teacher, loss_args, chunk, vocab,
+                                                        with_stats)
+    else:
+        value, stats = _FusedLinearAdaptiveKD.apply(x, weight, bias, mask, teacher, loss_args, reduction, chunk,
+                                                    vocab, with_stats)
+    return (value.reshape(leading_shape) if reduction == "none" else value), stats
 
 
 def fused_linear_adaptive_kd(
@@ -321,13 +479,12 @@ def fused_linear_adaptive_kd(
     x = student_input.reshape(-1, student_input.shape[-1])
     teacher_x = teacher_input.reshape(-1, teacher_input.shape[-1]).detach()
     flat_mask = None if mask is None else mask.reshape(-1)
-    chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], x.element_size())
     loss_args = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
                      temperature=float(temperature), backend=backend)
     teacher = _DenseTeacher(teacher_x, _leading_rows(teacher_weight.detach(), vocab),
                             None if teacher_bias is None else _leading_rows(teacher_bias.detach(), vocab))
-    values, stats = _apply(x, student_weight, student_bias, flat_mask, teacher, loss_args, reduction, chunk, vocab,
-                           return_stats, student_input.shape[:-1])
+    values, stats = _apply(x, student_weight, student_bias, flat_mask, teacher, loss_args, reduction, chunk_size,
+                           vocab, return_stats, student_input.shape[:-1])
     return (values, KDStats(*stats.unbind())) if return_stats else values
 
 
@@ -383,12 +540,11 @@ def fused_linear_sparse_adaptive_kd(
     x = student_input.reshape(-1, student_input.shape[-1])
     k = topk_indices.shape[-1]
     teacher = _SparseTeacher(topk_indices.reshape(-1, k), topk_logprobs.detach().reshape(-1, k))
-    chunk = chunk_size or default_chunk_size(x.shape[0], x.shape[1], x.element_size())
     loss_args = dict(alpha_min=float(alpha_min), alpha_max=float(alpha_max), clip=float(clip),
                      temperature=float(temperature), backend=backend)
     flat_mask = None if mask is None else mask.reshape(-1)
-    values, _ = _apply(x, student_weight, student_bias, flat_mask, teacher, loss_args, reduction, chunk, vocab, False,
-                       student_input.shape[:-1])
+    values, _ = _apply(x, student_weight, student_bias, flat_mask, teacher, loss_args, reduction, chunk_size, vocab,
+                       False, student_input.shape[:-1])
     return values
 
 
