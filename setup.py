@@ -75,8 +75,8 @@ capability = cpu_capability()
 print(f"alphadiv_kernels: building CPU kernels for {capability}")
 cpu_extension = CppExtension(
     name="alphadiv_kernels._C",
-    sources=["csrc/python_module.cpp", "csrc/registration.cpp", "csrc/cpu/adaptive_kd_cpu.cpp",
-             "csrc/cpu/sparse_adaptive_kd_cpu.cpp"],
+    sources=["csrc/python_module.cpp", "csrc/registration.cpp", "csrc/adaptive_kd_autograd.cpp",
+             "csrc/cpu/adaptive_kd_cpu.cpp", "csrc/cpu/sparse_adaptive_kd_cpu.cpp"],
     extra_compile_args={"cxx": ["-O3", "-fopenmp"]
                         + CPU_CAPABILITY_FLAGS[capability]},
 )

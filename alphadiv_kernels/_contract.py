@@ -53,12 +53,14 @@ SPARSE_SCHEMA = ("(Tensor student, Tensor topk_indices, Tensor topk_logprobs, Te
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A backend: the tensor devices it runs on (empty: any), why it cannot run in this process (None: it
-    can), and its custom op (None: the eager reference)."""
+    can), its custom ops (None: the eager reference), and the op that returns the value with its autograd
+    in C++ (None: eager training calls take a Python autograd.Function around `op`)."""
 
     devices: Tuple[str, ...]
     missing: Callable[[torch.device], Optional[str]]
-    op: Callable[[], Optional[object]] = lambda: None
+    op: Callable[[], Optional[object]] = lambda: None  # the OpOverload: a call skips the packet's overload lookup
     sparse_op: Callable[[], Optional[object]] = lambda: None
+    loss_op: Callable[[], Optional[object]] = lambda: None
 
 
 def _cpu_missing(device: torch.device) -> Optional[str]:
@@ -85,13 +87,16 @@ def _triton_missing(device: torch.device) -> Optional[str]:
     return "on CPU tensors it needs Triton's interpreter (TRITON_INTERPRET=1)"
 
 
+def _cpp_ops():  # the C++ ops, shared by the "cpu" and "cuda" backends: the tensors' device picks the kernel
+    return (lambda: torch.ops.alphadiv.adaptive_kd.default, lambda: torch.ops.alphadiv.sparse_adaptive_kd.default,
+            lambda: torch.ops.alphadiv.adaptive_kd_loss.default)
+
+
 BACKENDS = {  # best first
-    "cuda": Backend(("cuda",), _cuda_missing, lambda: torch.ops.alphadiv.adaptive_kd,
-                    lambda: torch.ops.alphadiv.sparse_adaptive_kd),
-    "cpu": Backend(("cpu",), _cpu_missing, lambda: torch.ops.alphadiv.adaptive_kd,
-                   lambda: torch.ops.alphadiv.sparse_adaptive_kd),
-    "triton": Backend(("cuda", "cpu"), _triton_missing, lambda: torch.ops.alphadiv.adaptive_kd_triton,
-                      lambda: torch.ops.alphadiv.sparse_adaptive_kd_triton),
+    "cuda": Backend(("cuda",), _cuda_missing, *_cpp_ops()),
+    "cpu": Backend(("cpu",), _cpu_missing, *_cpp_ops()),
+    "triton": Backend(("cuda", "cpu"), _triton_missing, lambda: torch.ops.alphadiv.adaptive_kd_triton.default,
+                      lambda: torch.ops.alphadiv.sparse_adaptive_kd_triton.default),
     "reference": Backend((), lambda device: None),
 }
 AUTO = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton")}  # what `backend="auto"` tries, per device

@@ -46,6 +46,29 @@ def check_loss_parameters(alpha_min: float, alpha_max: float, clip: float, tempe
                          f"{MAX_TEMPERATURE:g} the divergence is below the float32 rounding of its terms")
 
 
+_CHECKED_SETTINGS: set = set()
+
+
+def check_settings_once(alpha_min, alpha_max, clip, temperature, reduction, value) -> None:
+    """`check_loss_parameters` and `check_reduction_and_value`, remembered per distinct settings (with their
+    types, so a bool or a NumPy scalar is never taken for a float it equals): a training loop repeats a few
+    settings, and their checks cost as much as a small call's kernel. NaN never equals itself, so it is
+    checked (and refused) on every call. Under torch.compile the checks are traced once per compile anyway."""
+    key = (alpha_min, alpha_max, clip, temperature, reduction, value,
+           type(alpha_min), type(alpha_max), type(clip), type(temperature), type(reduction), type(value))
+    remember = not torch.compiler.is_compiling()
+    if remember:
+        try:
+            if key in _CHECKED_SETTINGS:
+                return
+        except TypeError:  # an unhashable setting: the checks below name it
+            remember = False
+    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
+    check_reduction_and_value(reduction, value)
+    if remember and len(_CHECKED_SETTINGS) < 4096:
+        _CHECKED_SETTINGS.add(key)
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
@@ -110,35 +133,38 @@ def validate_kd_arguments(
     value: str,
     mask: Optional[torch.Tensor],
 ) -> KDArguments:
-    for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
-        if not tensor.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
-        if tensor.dim() == 0:
-            raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
-    if student_logits.shape != teacher_logits.shape:
+    # One combined test first (a small call's checks cost as much as its kernel), the messages after it.
+    if not (isinstance(student_logits, torch.Tensor) and isinstance(teacher_logits, torch.Tensor)
+            and student_logits.is_floating_point() and teacher_logits.is_floating_point()):
+        for name, tensor in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+            if not isinstance(tensor, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+            if not tensor.is_floating_point():
+                raise TypeError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+    shape, dims = student_logits.shape, student_logits.dim()
+    if dims == 0 or teacher_logits.dim() == 0:
+        name = "student_logits" if dims == 0 else "teacher_logits"
+        raise ValueError(f"{name} must have at least one dimension (the classes), got a scalar")
+    if shape != teacher_logits.shape:
         raise ValueError(
-            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} "
+            f"student_logits and teacher_logits must have the same shape, got {tuple(shape)} "
             f"and {tuple(teacher_logits.shape)}"
         )
-    if student_logits.device != teacher_logits.device:
+    device = student_logits.device
+    if device != teacher_logits.device:
         raise ValueError(
-            f"student_logits and teacher_logits must be on the same device, got {student_logits.device} "
-            f"and {teacher_logits.device}"
+            f"student_logits and teacher_logits must be on the same device, got {device} and {teacher_logits.device}"
         )
-    num_classes = student_logits.shape[-1]
+    num_classes = shape[-1]
     if num_classes == 0:
         raise ValueError("logits need at least one class: the last dimension has size 0")
-    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-    check_reduction_and_value(reduction, value)
+    check_settings_once(alpha_min, alpha_max, clip, temperature, reduction, value)
 
-    leading_shape = student_logits.shape[:-1]
-    flat_mask = flat_row_mask(mask, leading_shape, student_logits.device)
+    leading_shape = shape[:-1]
     return KDArguments(
-        student=student_logits.reshape(-1, num_classes),
-        teacher=teacher_logits.reshape(-1, num_classes),
-        mask=flat_mask,
+        student=student_logits if dims == 2 else student_logits.reshape(-1, num_classes),
+        teacher=teacher_logits if dims == 2 else teacher_logits.reshape(-1, num_classes),
+        mask=None if mask is None else flat_row_mask(mask, leading_shape, device),
         leading_shape=leading_shape,
         reduction=REDUCTIONS[reduction],
         surrogate=value == "surrogate",
@@ -195,8 +221,7 @@ def validate_sparse_arguments(student_logits, topk_indices, topk_logprobs, *, al
         raise ValueError("logits need at least one class: the last dimension has size 0")
     if k > num_classes:
         raise ValueError(f"k = {k} teacher classes per row, more than the student's {num_classes} classes")
-    check_loss_parameters(alpha_min, alpha_max, clip, temperature)
-    check_reduction_and_value(reduction, value)
+    check_settings_once(alpha_min, alpha_max, clip, temperature, reduction, value)
     leading_shape = student_logits.shape[:-1]
     flat_mask = flat_row_mask(mask, leading_shape, student_logits.device)
     return SparseKDArguments(

@@ -131,12 +131,18 @@ def fused_adaptive_kd(
             temperature=temperature, reduction=reduction, value=value, mask=mask,
         )
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    op = BACKENDS[chosen].op()  # "cpu" and "cuda" share the C++ op: the tensors' device picks the kernel
+    backend_ops = BACKENDS[chosen]  # "cpu" and "cuda" share the C++ ops: the tensors' device picks the kernel
+    eager_training = compute_grad and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
+    if eager_training and backend_ops.loss_op() is not None:  # one op call, autograd in C++
+        loss = backend_ops.loss_op()(args.student, args.teacher, args.mask, float(alpha_min), float(alpha_max),
+                                     float(clip), float(temperature), args.reduction, args.surrogate)
+        return loss.reshape(args.leading_shape) if args.reduction == REDUCTION_NONE else loss
+    op = backend_ops.op()
     op_args = OpArgs(  # float(): NumPy scalars are welcome, the schema takes Python floats
         args.student, args.teacher.detach(), args.mask, float(alpha_min), float(alpha_max), float(clip),
         float(temperature), args.reduction, args.surrogate, compute_grad,
     )
-    if compute_grad and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()):
+    if eager_training:
         loss, _ = _EagerAdaptiveKD.apply(*op_args, op)
     else:
         loss, _ = op(*op_args)
@@ -181,6 +187,10 @@ def _adaptive_kd_fake(student, teacher, mask, alpha_min, alpha_max, clip, temper
     return loss, grad
 
 
+# Below this many elements scaling the gradient costs less than reading the incoming one on the host (.item()).
+SMALL_GRADIENT = 1 << 16
+
+
 def _is_exactly_one(grad_loss: torch.Tensor) -> bool:
     # loss.backward() passes 1: skip a pass over [N, C]. Only where reading it costs no sync.
     return grad_loss.device.type == "cpu" and grad_loss.item() == 1.0
@@ -213,13 +223,14 @@ def make_autograd(args_type):
         no_grads = (None,) * (len(args_type._fields) - 1)  # only the student gets a gradient
         if grad_loss is None or not (ctx.has_grad and ctx.needs_input_grad[0]):
             return (None,) + no_grads
-        if torch.is_grad_enabled() and not (_is_traced(grad) or _is_traced(grad_loss)):
+        traced = _is_traced(grad) or _is_traced(grad_loss)
+        if not traced and torch.is_grad_enabled():
             raise RuntimeError("fused_adaptive_kd has no second derivative: backward with create_graph=True (double "
                                "backward, gradient penalties, Hessians) is not supported")
         scale = grad_loss.unsqueeze(-1) if ctx.reduction == REDUCTION_NONE else grad_loss
-        if _is_traced(grad) or _is_traced(grad_loss) or _graph_is_retained():
+        if traced or _graph_is_retained():
             return (grad * scale,) + no_grads  # functional; a retained graph needs the buffer intact
-        if ctx.reduction != REDUCTION_NONE and _is_exactly_one(grad_loss):
+        if ctx.reduction != REDUCTION_NONE and grad.numel() > SMALL_GRADIENT and _is_exactly_one(grad_loss):
             return (grad,) + no_grads
         return (grad.mul_(scale),) + no_grads  # in place: the saved buffer becomes the result
 

@@ -8,14 +8,15 @@ import torch
 
 import alphadiv_kernels as ak
 
-# Supernet KD (ImageNet classes) and LLM distillation (vocabularies), per device. The CPU default is the
-# quick set (about two minutes on 2 cores); --full adds the 4096 x 32000 LLM case and longer timing.
+# A call's fixed cost (1 x 10), supernet KD (ImageNet classes) and LLM distillation (vocabularies), per
+# device. The CPU default is the quick set (about two minutes on 2 cores); --full adds the 4096 x 32000 LLM
+# case and longer timing.
 DEFAULT_SHAPES = {
-    "cpu": ["32x1000", "256x1000", "2048x1000", "512x32000"],
-    "cuda": ["32x1000", "256x1000", "2048x1000", "8192x128256", "16384x131072"],
+    "cpu": ["1x10", "32x1000", "256x1000", "2048x1000", "512x32000"],
+    "cuda": ["1x10", "32x1000", "256x1000", "2048x1000", "8192x128256", "16384x131072"],
 }
 FULL_SHAPES = {
-    "cpu": ["32x1000", "256x1000", "2048x1000", "4096x32000"],
+    "cpu": ["1x10", "32x1000", "256x1000", "2048x1000", "4096x32000"],
     "cuda": DEFAULT_SHAPES["cuda"],
 }
 DEFAULT_DTYPE = {"cpu": "float32", "cuda": "bfloat16"}
@@ -72,9 +73,18 @@ def _liger_kl() -> Optional[Callable]:
 # the reference run) and this project's eager specification, each eager and under torch.compile.
 EAGER_BASELINES = ("alphanet-eager", "reference-eager")
 COMPILED_BASELINES = ("alphanet-compile", "reference-compile")
+COMPILE_MODES = {"cpu": ("default",), "cuda": ("default", "max-autotune-no-cudagraphs", "reduce-overhead")}
 # The floor: one log_softmax of the student, forward only in every mode (not a KD loss).
 LOG_SOFTMAX = "log_softmax (floor)"
 LIGER_KL = "liger-kl (alpha 1,1)"
+# What a user who only wants forward KL writes: not the adaptive loss, but the cost a KD loss call is held to.
+KL_EAGER = "kl-eager (alpha 1,1)"
+
+
+def kl_eager(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) of the teacher's p and the student's q, batch mean: `F.kl_div` on two log-softmaxes."""
+    return torch.nn.functional.kl_div(torch.log_softmax(student, -1), torch.log_softmax(teacher, -1),
+                                      reduction="batchmean", log_target=True)
 
 
 def available_providers(device: str) -> Dict[str, Callable]:
@@ -89,14 +99,18 @@ def available_providers(device: str) -> Dict[str, Callable]:
         if backend == "reference" or (backend == "cpu") != (device == "cpu"):
             continue
         providers[f"fused-{backend}"] = lambda s, t, backend=backend: ak.fused_adaptive_kd(s, t, backend=backend)
+    # The op itself under torch.compile (opt-in: --providers), in the modes a GPU training loop picks.
+    for mode in COMPILE_MODES[device]:
+        providers[f"fused-compile ({mode})"] = torch.compile(ak.fused_adaptive_kd, mode=mode)
     if device == "cuda" and _liger_kl() is not None:
         providers[LIGER_KL] = _liger_kl()
+    providers[KL_EAGER] = kl_eager
     providers[LOG_SOFTMAX] = lambda s, t: torch.log_softmax(s, -1)
     return providers
 
 
 DEFAULT_PROVIDERS = EAGER_BASELINES + COMPILED_BASELINES + ("fused-cpu", "fused-cuda", "fused-triton", LIGER_KL,
-                                                            LOG_SOFTMAX)
+                                                            KL_EAGER, LOG_SOFTMAX)
 
 
 def fastest(medians: Dict[str, float], candidates) -> Optional[str]:

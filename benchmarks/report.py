@@ -56,11 +56,14 @@ def summary(rows: List[Row]) -> List[str]:
         baselines = case_rows[0]
         line = (f"{key[0]} {key[1]}: fastest eager {baselines.eager_baseline or '-'}, "
                 f"fastest compiled {baselines.compile_baseline or '-'}")
+        kl = next((row for row in case_rows if row.provider.startswith("kl-eager")), None)
         for row in case_rows:
             if row.provider.startswith("fused"):
                 line += (f"; {row.provider} {_fmt(row.speedup_vs_eager, 1)}x / {_fmt(row.speedup_vs_compile, 1)}x"
                          f" faster, {_fmt(None if row.speedup_vs_floor is None else 1 / row.speedup_vs_floor, 2)}x"
                          " the floor's time")
+                if kl is not None:
+                    line += f", {_fmt(row.median_ms / kl.median_ms, 2)}x eager KL's time"
         lines.append(line)
     return lines
 

@@ -54,8 +54,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                         help="the larger set: 4096x32000 on CPU, and 8 s of timed calls per provider and case")
     parser.add_argument("--providers", nargs="+", default=None,
                         help="alphanet-eager, alphanet-compile, reference-eager, reference-compile, fused-cpu, "
-                             "fused-cuda, fused-triton, 'liger-kl (alpha 1,1)', 'log_softmax (floor)' (default: all "
-                             "available)")
+                             "fused-cuda, fused-triton, 'liger-kl (alpha 1,1)', 'kl-eager (alpha 1,1)', "
+                             "'log_softmax (floor)' (default: all available of these); opt-in: 'fused-compile (MODE)', "
+                             "the op under torch.compile, MODE default (and on CUDA max-autotune-no-cudagraphs, "
+                             "reduce-overhead)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per provider and case (median)")
     parser.add_argument("--budget", type=float, default=None,

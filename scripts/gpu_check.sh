@@ -18,6 +18,11 @@ timeout 210 "$PYTHON" -m benchmarks --device cuda --shapes 256x1000 4096x16384 8
 echo "== benchmarks (fp32, forward+backward)"
 timeout 45 "$PYTHON" -m benchmarks --device cuda --dtype float32 --shapes 256x1000 --modes fwd+bwd --repeats 10 \
   --budget 3 --out "${OUT:-results}/gpu-check-fp32" 2>&1 | grep -v "^cases" | tail -8
+echo "== the op under torch.compile (bf16, forward+backward): default, max-autotune-no-cudagraphs, reduce-overhead"
+timeout 240 "$PYTHON" -m benchmarks --device cuda --shapes 1x10 32x1000 8192x128256 --modes fwd+bwd --repeats 50 \
+  --budget 2 --no-memory --providers fused-cuda "fused-compile (default)" "fused-compile (max-autotune-no-cudagraphs)" \
+  "fused-compile (reduce-overhead)" alphanet-compile "kl-eager (alpha 1,1)" --out "${OUT:-results}/gpu-check-compile" \
+  2>&1 | grep -v "^cases" | tail -16
 echo "== lm suite (bf16): projection + loss, materialised logits vs token-chunked torch.compile vs fused-linear;"
 echo "   a top-k teacher (k = 32, 128, 1024): eager gather + tail vs its torch.compile vs fused_linear_sparse_adaptive_kd"
 timeout 240 "$PYTHON" -m benchmarks --suite lm --device cuda --linear-shapes 8192x2048x128256 --topk 32 128 1024 \

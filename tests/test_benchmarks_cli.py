@@ -44,6 +44,28 @@ def test_benchmark_cli_writes_table_csv_markdown_and_plot(tmp_path, capsys):
         assert fused.peak_vs_ideal is not None and 0.5 < fused.peak_vs_ideal < 1.5
 
 
+def test_kl_eager_row_is_forward_kl_and_the_summary_compares_fused_to_it(tmp_path, capsys):
+    """The small-shape comparison row computes KL(p || q) (the fused op at alpha 1, 1), and the summary gives
+    the fused op's time as a multiple of it."""
+    import torch
+
+    from benchmarks.cases import KL_EAGER, kl_eager
+
+    generator = torch.Generator().manual_seed(11)
+    student, teacher = (torch.randn(5, 13, generator=generator, dtype=torch.float64) * 3 for _ in range(2))
+    q, p = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)
+    expected = (p.exp() * (p - q)).sum(-1).mean()
+    torch.testing.assert_close(kl_eager(student, teacher), expected)
+    torch.testing.assert_close(kl_eager(student.float(), teacher.float()).double(),
+                               ak.fused_adaptive_kd(student.float(), teacher.float(), alpha_min=1.0, alpha_max=1.0).double(),
+                               rtol=1e-5, atol=1e-6)
+    rows = run.main(["--shapes", "1x10", "--providers", "fused-cpu", KL_EAGER, "--modes", "fwd+bwd", "--repeats", "5",
+                     "--no-memory", "--out", str(tmp_path)])
+    by_provider = {row.provider: row for row in rows}
+    ratio = by_provider["fused-cpu"].median_ms / by_provider[KL_EAGER].median_ms
+    assert f"{ratio:.2f}x eager KL's time" in capsys.readouterr().out
+
+
 def test_benchmark_cli_rejects_bad_shapes_and_providers():
     with pytest.raises(SystemExit, match="NxC"):
         run.main(["--shapes", "64by500", "--no-memory"])

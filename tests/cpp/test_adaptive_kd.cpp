@@ -2,6 +2,7 @@
 // of the paper's formulas in probability space (independent of the kernel's log-space algorithm).
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
 
 #include <cmath>
 #include <cstdio>
@@ -98,6 +99,35 @@ void check_bad_arguments_raise() {
   }
 }
 
+// alphadiv::adaptive_kd_loss (the C++ autograd node): backward gives adaptive_kd's gradient times the
+// incoming one, for a scalar loss and per row (reduction none), and leaves the graph reusable when retained.
+void check_autograd_matches_the_op_gradient() {
+  static auto op = c10::Dispatcher::singleton().findSchemaOrThrow("alphadiv::adaptive_kd", "").typed<OpSignature>();
+  static auto loss_op = c10::Dispatcher::singleton()
+                            .findSchemaOrThrow("alphadiv::adaptive_kd_loss", "")
+                            .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                              double, double, double, double, int64_t, bool)>();
+  const at::Tensor teacher = at::randn({6, 40}) * 3;
+  const at::Tensor incoming = at::rand({6}) + 0.5;
+  for (int64_t reduction : {0, 1, 2}) {
+    const at::Tensor student = (at::randn({6, 40}) * 3).set_requires_grad(true);
+    const auto [value, grad] = op.call(student.detach(), teacher, std::nullopt, -1.0, 1.0, 5.0, 2.0, reduction, false,
+                                       true);
+    const at::Tensor loss = loss_op.call(student, teacher, std::nullopt, -1.0, 1.0, 5.0, 2.0, reduction, false);
+    expect(at::allclose(loss.detach(), value), "loss_op value == op value", loss.sum().item<double>(),
+           value.sum().item<double>());
+    const at::Tensor upstream = reduction == 0 ? incoming : at::full({}, 1.5);
+    const at::Tensor want = reduction == 0 ? grad * incoming.unsqueeze(-1) : grad * 1.5;
+    torch::autograd::backward({loss}, {upstream}, /*retain_graph=*/true);
+    expect(at::allclose(student.grad(), want), "retained backward == op gradient x incoming",
+           student.grad().sum().item<double>(), want.sum().item<double>());
+    student.mutable_grad().reset();
+    torch::autograd::backward({loss}, {upstream});  // the saved gradient survived the retained pass
+    expect(at::allclose(student.grad(), want), "second backward == op gradient x incoming",
+           student.grad().sum().item<double>(), want.sum().item<double>());
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -107,6 +137,7 @@ int main() {
   check_case(4, 33, 0.0, 1.0, 3.0);
   check_case(2, 64, 1.0, 1.0, 5.0);
   check_bad_arguments_raise();
+  check_autograd_matches_the_op_gradient();
   std::printf("%s: %d failure(s)\n", failures ? "FAILED" : "passed", failures);
   return failures ? 1 : 0;
 }
