@@ -10,6 +10,10 @@ Forward + backward therefore hold one [N, C] tensor in the student's dtype beyon
 the graph is retained (``retain_graph=True``, gradcheck, jacobians) the backward scales into a new
 tensor instead, so every pass sees the saved gradient intact. The op has no second derivative: a
 backward with ``create_graph=True`` raises rather than return a gradient without its graph.
+
+Eager training calls on the C++ kernels go through `alphadiv::adaptive_kd_loss`, whose autograd node is
+C++ (csrc/adaptive_kd_autograd.cpp): one op call per loss. The Triton backend takes `_EagerAdaptiveKD`,
+and torch.compile / torch.func the op with the autograd registered below; all three share these rules.
 """
 from __future__ import annotations
 

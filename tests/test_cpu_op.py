@@ -199,6 +199,25 @@ def test_backward_scales_by_incoming_gradient_also_through_a_retained_graph(gen)
     torch.testing.assert_close(last, 2.0 * grad, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_an_eager_training_call_is_one_op_whose_cpp_node_gives_the_python_autograd_gradient(reduction, gen):
+    """alphadiv::adaptive_kd_loss (C++ node) against the op's Python-registered autograd, under an incoming
+    gradient of 1 (loss.backward(): the saved gradient is returned as is) and of other weights."""
+    student, teacher = make_logits("confident_teacher", 6, 40, gen)
+    for weights in (None, torch.linspace(-1.0, 2.0, 6) if reduction == "none" else torch.tensor(-0.75)):
+        leaf, twin = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+        loss = cpu_op(leaf, teacher, reduction=reduction, temperature=2.0)
+        assert "AdaptiveKDFunction" in loss.grad_fn.name() or any(
+            "AdaptiveKDFunction" in node.name() for node, _ in loss.grad_fn.next_functions)
+        expected, _ = torch.ops.alphadiv.adaptive_kd(twin, teacher, None, -1.0, 1.0, 5.0, 2.0,
+                                                     {"none": 0, "mean": 1, "sum": 2}[reduction], False, True)
+        torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+        upstream = torch.ones_like(loss) if weights is None else weights
+        loss.backward(upstream)
+        expected.backward(upstream)
+        torch.testing.assert_close(leaf.grad, twin.grad, rtol=1e-6, atol=0)
+
+
 def test_thread_count_does_not_change_results(gen):
     student, teacher = make_logits("random", 97, 777, gen)
     threads = torch.get_num_threads()
