@@ -164,7 +164,7 @@ def validate_kd_arguments(
     return KDArguments(
         student=student_logits if dims == 2 else student_logits.reshape(-1, num_classes),
         teacher=teacher_logits if dims == 2 else teacher_logits.reshape(-1, num_classes),
-        mask=None if mask is None else flat_row_mask(mask, leading_shape, device),
+        mask=flat_row_mask(mask, leading_shape, device),
         leading_shape=leading_shape,
         reduction=REDUCTIONS[reduction],
         surrogate=value == "surrogate",

@@ -137,9 +137,10 @@ def fused_adaptive_kd(
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     backend_ops = BACKENDS[chosen]  # "cpu" and "cuda" share the C++ ops: the tensors' device picks the kernel
     eager_training = compute_grad and not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
-    if eager_training and backend_ops.loss_op() is not None:  # one op call, autograd in C++
-        loss = backend_ops.loss_op()(args.student, args.teacher, args.mask, float(alpha_min), float(alpha_max),
-                                     float(clip), float(temperature), args.reduction, args.surrogate)
+    loss_op = backend_ops.loss_op() if eager_training else None
+    if loss_op is not None:  # one op call, autograd in C++
+        loss = loss_op(args.student, args.teacher, args.mask, float(alpha_min), float(alpha_max), float(clip),
+                       float(temperature), args.reduction, args.surrogate)
         return loss.reshape(args.leading_shape) if args.reduction == REDUCTION_NONE else loss
     op = backend_ops.op()
     op_args = OpArgs(  # float(): NumPy scalars are welcome, the schema takes Python floats

@@ -7,6 +7,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Iterator, List, Optional
 
+from .cases import KL_EAGER
+
 
 @dataclass
 class Row:
@@ -56,7 +58,7 @@ def summary(rows: List[Row]) -> List[str]:
         baselines = case_rows[0]
         line = (f"{key[0]} {key[1]}: fastest eager {baselines.eager_baseline or '-'}, "
                 f"fastest compiled {baselines.compile_baseline or '-'}")
-        kl = next((row for row in case_rows if row.provider.startswith("kl-eager")), None)
+        kl = next((row for row in case_rows if row.provider == KL_EAGER), None)
         for row in case_rows:
             if row.provider.startswith("fused"):
                 line += (f"; {row.provider} {_fmt(row.speedup_vs_eager, 1)}x / {_fmt(row.speedup_vs_compile, 1)}x"

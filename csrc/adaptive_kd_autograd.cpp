@@ -15,12 +15,13 @@
 #include <torch/csrc/autograd/graph_task.h>
 #include <torch/library.h>
 
+#include "adaptive_kd_math.h"
+
 namespace {
 
+using alphadiv::kReductionNone;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-constexpr int64_t kReductionNone = 0;
 
 std::tuple<at::Tensor, at::Tensor> call_adaptive_kd(const at::Tensor& student, const at::Tensor& teacher,
                                                     const std::optional<at::Tensor>& mask, double alpha_min,
@@ -80,10 +81,4 @@ at::Tensor adaptive_kd_loss(const at::Tensor& student, const at::Tensor& teacher
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(alphadiv, m) {
-  // The value of adaptive_kd with a C++ autograd node (eager calls; see the top of this file).
-  m.def(
-      "adaptive_kd_loss(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, "
-      "float clip, float temperature, int reduction, bool surrogate) -> Tensor");
-  m.impl("adaptive_kd_loss", c10::DispatchKey::CompositeImplicitAutograd, &adaptive_kd_loss);
-}
+TORCH_LIBRARY_IMPL(alphadiv, CompositeImplicitAutograd, m) { m.impl("adaptive_kd_loss", &adaptive_kd_loss); }

@@ -10,6 +10,11 @@ TORCH_LIBRARY(alphadiv, m) {
       "adaptive_kd(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, "
       "float clip, float temperature, int reduction, bool surrogate, bool compute_grad) "
       "-> (Tensor, Tensor)");
+  // The value of adaptive_kd with its autograd node in C++, for eager training calls (every device:
+  // adaptive_kd_autograd.cpp calls adaptive_kd through the dispatcher).
+  m.def(
+      "adaptive_kd_loss(Tensor student, Tensor teacher, Tensor? mask, float alpha_min, float alpha_max, "
+      "float clip, float temperature, int reduction, bool surrogate) -> Tensor");
   // Sparse teacher: per row, k classes and their log-probabilities; the rest of the teacher's mass is one
   // tail bin (math in sparse_adaptive_kd_math.h). Returns (value, grad) as adaptive_kd.
   m.def(
